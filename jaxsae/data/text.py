@@ -1,0 +1,401 @@
+"""Text corpora and token packing for activation collection.
+
+The default corpus is the Python standard library's own source, read at run
+time from the running interpreter (no third-party text ships with the repo).
+Every source yields documents (``str``) in a fixed order, so a token stream
+built on top of it is reproducible and can be resumed by skipping contexts.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import json
+import os
+import pathlib
+import platform
+import sysconfig
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+Split = Literal["train", "val", "all"]
+SPLITS = ("train", "val", "all")
+VAL_PER_MILLE = 30  # ~3% of files go to 'val'
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+TEXT_SUFFIXES = frozenset({".txt", ".py", ".md", ".rst"})
+Auto = Literal["auto"]
+
+
+# --------------------------------------------------------------------------- stdlib corpus
+
+def stdlib_root() -> pathlib.Path:
+    """Directory of the running interpreter's standard library."""
+    return pathlib.Path(sysconfig.get_paths()["stdlib"])
+
+
+def is_val_path(rel_posix: str) -> bool:
+    """Stable hold-out membership of a relative POSIX path.
+
+    blake2b rather than ``hash()`` because the latter is salted per process;
+    this way the split is identical on every machine with the same Python.
+    """
+    digest = hashlib.blake2b(rel_posix.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % 1000 < VAL_PER_MILLE
+
+
+def _is_test_path(rel: pathlib.PurePosixPath) -> bool:
+    return bool(_TEST_DIRS.intersection(rel.parts[:-1])) or rel.name.startswith("test_")
+
+
+def stdlib_files(split: Split = "train", include_tests: bool = True,
+                 root: str | os.PathLike | None = None) -> list[pathlib.Path]:
+    """All ``*.py`` files of the stdlib (minus site-packages/__pycache__) in ``split``.
+
+    Ordered by relative POSIX path. ``root`` overrides the stdlib dir (tests).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = pathlib.Path(root) if root is not None else stdlib_root()
+    rels: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place so we never descend into (possibly huge) site-packages.
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        for name in filenames:
+            if name.endswith(".py"):
+                rel = pathlib.PurePosixPath(pathlib.Path(dirpath, name).relative_to(root).as_posix())
+                if include_tests or not _is_test_path(rel):
+                    rels.append(str(rel))
+    rels.sort()
+    if split != "all":
+        want_val = split == "val"
+        rels = [r for r in rels if is_val_path(r) == want_val]
+    return [root / r for r in rels]
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """UTF-8 with replacement; bytes-level read so no newline translation happens."""
+    return pathlib.Path(path).read_bytes().decode("utf-8", errors="replace")
+
+
+def _fingerprint(paths: Sequence[pathlib.Path], root: pathlib.Path | None = None) -> tuple[str, int]:
+    """Cheap identity of a file list: blake2b over (path, size). Returns (hex, total bytes)."""
+    h, total = hashlib.blake2b(digest_size=8), 0
+    for p in paths:
+        size = p.stat().st_size
+        name = p.relative_to(root).as_posix() if root is not None else str(p)
+        h.update(f"{name}\0{size}\n".encode())
+        total += size
+    return h.hexdigest(), total
+
+
+# --------------------------------------------------------------------------- sources
+
+@runtime_checkable
+class TextSource(Protocol):
+    """Anything that yields documents deterministically and describes itself."""
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class StdlibSource:
+    """The running interpreter's stdlib ``*.py`` files, one document per file."""
+
+    split: Split = "train"
+    include_tests: bool = True
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+
+    def files(self) -> list[pathlib.Path]:
+        return stdlib_files(self.split, self.include_tests)
+
+    def __iter__(self) -> Iterator[str]:
+        return (read_text(p) for p in self.files())
+
+    def describe(self) -> dict[str, Any]:
+        files, root = self.files(), stdlib_root()
+        fp, n_bytes = _fingerprint(files, root)
+        return {"kind": "stdlib", "split": self.split, "include_tests": self.include_tests,
+                "python": platform.python_version(), "root": str(root),
+                "n_files": len(files), "n_bytes": n_bytes, "fingerprint": fp}
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+class FilesSource:
+    """Local files: ``.txt/.py/.md/.rst`` are one document each; ``.jsonl`` is one per line.
+
+    ``paths`` entries may be files, directories (recursed, sorted) or globs
+    (``**`` allowed, matches sorted). Order of entries is preserved.
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], text_field: str = "text"):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("FilesSource needs at least one path or glob")
+        self.text_field = text_field
+
+    def files(self) -> list[pathlib.Path]:
+        out: list[pathlib.Path] = []
+        for entry in self.paths:
+            if _has_glob(entry):
+                import glob
+                matches = [pathlib.Path(m) for m in sorted(glob.glob(entry, recursive=True))]
+                matches = [m for m in matches if m.is_file()]
+            elif pathlib.Path(entry).is_dir():
+                matches = sorted(p for p in pathlib.Path(entry).rglob("*")
+                                 if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".jsonl"))
+            else:
+                matches = [pathlib.Path(entry)] if pathlib.Path(entry).is_file() else []
+            if not matches:
+                raise FileNotFoundError(f"FilesSource: nothing matches {entry!r}")
+            for m in matches:
+                if m.suffix != ".jsonl" and m.suffix not in TEXT_SUFFIXES:
+                    raise ValueError(f"FilesSource: unsupported file type {m} "
+                                     f"(use .jsonl or one of {sorted(TEXT_SUFFIXES)})")
+            out.extend(matches)
+        return out
+
+    def _iter_jsonl(self, path: pathlib.Path) -> Iterator[str]:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or self.text_field not in row:
+                    fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise KeyError(f"{path}:{lineno}: no field {self.text_field!r} (has {fields})")
+                yield str(row[self.text_field])
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.files():
+            if path.suffix == ".jsonl":
+                yield from self._iter_jsonl(path)
+            else:
+                yield read_text(path)
+
+    def describe(self) -> dict[str, Any]:
+        files = self.files()
+        fp, n_bytes = _fingerprint(files)
+        return {"kind": "files", "paths": list(self.paths), "text_field": self.text_field,
+                "n_files": len(files), "n_bytes": n_bytes, "fingerprint": fp}
+
+
+@dataclass(frozen=True)
+class HFDatasetSource:
+    """A Hugging Face dataset streamed with ``datasets.load_dataset(..., streaming=True)``.
+
+    Unshuffled, so the order is the dataset's shard order (deterministic). Needs
+    network access to the Hub (or a warm local cache); ``datasets`` is imported lazily.
+    """
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    revision: str | None = None
+
+    def _hub_error(self, err: BaseException) -> str:
+        return (f"could not stream HF dataset {self.name!r} (config={self.config!r}, split={self.split!r}): "
+                f"{type(err).__name__}: {err}. Streaming needs network access to the Hugging Face Hub "
+                "(or a local cache with HF_DATASETS_OFFLINE=1); offline, use {'kind': 'stdlib'} "
+                "or {'kind': 'files', 'paths': [...]} instead.")
+
+    def _open(self) -> Iterable[Mapping[str, Any]]:
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError("HFDatasetSource needs the optional 'datasets' package "
+                              "(pip install 'jaxsae[hub]')") from e
+        try:
+            return datasets.load_dataset(self.name, self.config, split=self.split,
+                                         streaming=True, revision=self.revision)
+        except Exception as e:  # network/auth/not-found errors come in many types
+            raise RuntimeError(self._hub_error(e)) from e
+
+    def __iter__(self) -> Iterator[str]:
+        rows = iter(self._open())
+        while True:
+            try:  # streaming fetches shards lazily, so errors can surface mid-iteration
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:
+                raise RuntimeError(self._hub_error(e)) from e
+            if self.text_field not in row:
+                raise KeyError(f"HF dataset {self.name!r} rows have no field {self.text_field!r} "
+                               f"(has {sorted(row)})")
+            yield row[self.text_field]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "hf", "name": self.name, "config": self.config, "split": self.split,
+                "text_field": self.text_field, "revision": self.revision}
+
+
+SOURCE_KINDS: dict[str, type] = {"stdlib": StdlibSource, "files": FilesSource, "hf": HFDatasetSource}
+
+
+def make_source(spec: Mapping[str, Any]) -> TextSource:
+    """Build a source from a config dict such as ``{'kind': 'stdlib', 'split': 'train'}``."""
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"source spec must be a dict, got {type(spec).__name__}")
+    kinds = sorted(SOURCE_KINDS)
+    if "kind" not in spec:
+        raise ValueError(f"source spec is missing key 'kind' (valid kinds: {kinds}); got keys {sorted(spec)}")
+    cls = SOURCE_KINDS.get(spec["kind"])
+    if cls is None:
+        raise ValueError(f"source spec has invalid 'kind': {spec['kind']!r}; valid kinds: {kinds}")
+    kwargs = {k: v for k, v in spec.items() if k != "kind"}
+    params = inspect.signature(cls).parameters
+    valid = ["kind", *params]
+    bad = sorted(set(kwargs) - set(params))
+    if bad:
+        raise ValueError(f"source spec for kind {spec['kind']!r} has unknown key(s) {bad}; valid keys: {valid}")
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
+    if missing:
+        raise ValueError(f"source spec for kind {spec['kind']!r} is missing required key(s) {missing}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- packing
+
+def pack_tokens(docs_token_ids: Iterable[Sequence[int]], context: int,
+                bos_id: int | None = None, eos_id: int | None = None) -> Iterator[np.ndarray]:
+    """Pack tokenized documents into fixed-length contexts.
+
+    The stream is ``doc0 + [eos] + doc1 + [eos] + doc2 ...`` (EOS only *between*
+    documents; empty documents are dropped so no EOS pairs appear). It is cut
+    into consecutive chunks of ``context`` tokens, or of ``context - 1`` tokens
+    with BOS prepended when ``bos_id`` is given. A trailing partial chunk is dropped.
+
+    Yields fresh ``int32[context]`` arrays.
+    """
+    body = context - (bos_id is not None)
+    if body < 1:
+        raise ValueError(f"context={context} leaves no room for tokens (bos_id={bos_id})")
+    prefix = np.asarray([bos_id] if bos_id is not None else [], dtype=np.int32)
+    sep = np.asarray([eos_id] if eos_id is not None else [], dtype=np.int32)
+    pending: list[np.ndarray] = []
+    n_pending, first = 0, True
+    for ids in docs_token_ids:
+        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
+        if ids.size == 0:
+            continue
+        if not first:
+            pending.append(sep)
+            n_pending += sep.size
+        first = False
+        pending.append(ids)
+        n_pending += ids.size
+        if n_pending < body:
+            continue
+        # Concatenate only when at least one context is ready: O(total) amortized.
+        flat = np.concatenate(pending)
+        n_full = flat.size // body
+        for k in range(n_full):
+            yield np.concatenate([prefix, flat[k * body:(k + 1) * body]])
+        rest = flat[n_full * body:]
+        pending, n_pending = ([rest] if rest.size else []), rest.size
+
+
+def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
+    """``docs -> token ids`` without special tokens, via the Rust backend when there is one.
+
+    The backend path skips transformers' per-call overhead and its "sequence
+    longer than model_max_length" warnings, which whole source files trigger.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if hasattr(backend, "encode_batch"):
+        if backend.truncation is not None or backend.padding is not None:
+            backend = type(backend).from_str(backend.to_str())  # private copy; never truncate
+            backend.no_truncation()
+            backend.no_padding()
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
+    return lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]
+
+
+def _special(value: int | None | Auto, tokenizer: Any, attr: str) -> int | None:
+    return getattr(tokenizer, attr, None) if value == "auto" else value
+
+
+def iter_contexts(source: Iterable[str], tokenizer: Any, context: int, *,
+                  bos_id: int | None | Auto = "auto", eos_id: int | None | Auto = "auto",
+                  skip_contexts: int = 0, doc_batch_size: int = 64) -> Iterator[np.ndarray]:
+    """Tokenize ``source`` in batches of documents and yield packed ``int32[context]`` rows.
+
+    ``bos_id``/``eos_id`` default to the tokenizer's; pass ``None`` to disable.
+    ``skip_contexts`` drops the first N contexts, so a later phase can continue
+    exactly where an earlier phase (that consumed N contexts) stopped.
+    """
+    if skip_contexts < 0:
+        raise ValueError(f"skip_contexts must be >= 0, got {skip_contexts}")
+    encode = _batch_encoder(tokenizer)
+    docs = iter(source)
+
+    def token_docs() -> Iterator[list[int]]:
+        while batch := list(itertools.islice(docs, doc_batch_size)):
+            yield from encode(batch)
+
+    packed = pack_tokens(token_docs(), context, _special(bos_id, tokenizer, "bos_token_id"),
+                         _special(eos_id, tokenizer, "eos_token_id"))
+    yield from itertools.islice(packed, skip_contexts, None)
+
+
+def batch_contexts(contexts: Iterable[np.ndarray], batch_size: int,
+                   drop_last: bool = True) -> Iterator[np.ndarray]:
+    """Stack ``int32[context]`` rows into ``int32[batch, context]`` (last partial batch dropped by default)."""
+    it = iter(contexts)
+    while rows := list(itertools.islice(it, batch_size)):
+        if len(rows) < batch_size and drop_last:
+            return
+        yield np.stack(rows)
+
+
+def batched_contexts(source: Iterable[str], tokenizer: Any, context: int, batch_size: int,
+                     drop_last: bool = True, **kwargs: Any) -> Iterator[np.ndarray]:
+    """``iter_contexts`` grouped into ``int32[batch, context]``; ``skip_contexts`` counts rows, not batches."""
+    return batch_contexts(iter_contexts(source, tokenizer, context, **kwargs), batch_size, drop_last)
+
+
+@dataclass
+class TokenStream:
+    """A source + tokenizer + packing settings; iterate for ``int32[context]`` rows."""
+
+    source: TextSource
+    tokenizer: Any
+    context: int
+    bos_id: int | None | Auto = "auto"
+    eos_id: int | None | Auto = "auto"
+    doc_batch_size: int = 64
+
+    def contexts(self, skip_contexts: int = 0) -> Iterator[np.ndarray]:
+        return iter_contexts(self.source, self.tokenizer, self.context, bos_id=self.bos_id,
+                             eos_id=self.eos_id, skip_contexts=skip_contexts,
+                             doc_batch_size=self.doc_batch_size)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self.contexts()
+
+    def batches(self, batch_size: int, skip_contexts: int = 0, drop_last: bool = True) -> Iterator[np.ndarray]:
+        """``int32[batch, context]`` batches after skipping ``skip_contexts`` rows."""
+        return batch_contexts(self.contexts(skip_contexts), batch_size, drop_last)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source.describe(), "context": self.context,
+                "bos_id": _special(self.bos_id, self.tokenizer, "bos_token_id"),
+                "eos_id": _special(self.eos_id, self.tokenizer, "eos_token_id"),
+                "tokenizer": getattr(self.tokenizer, "name_or_path", type(self.tokenizer).__name__),
+                "vocab_size": len(self.tokenizer) if hasattr(self.tokenizer, "__len__")
+                else self.tokenizer.get_vocab_size()}

@@ -1,0 +1,150 @@
+"""GPT-NeoX (the Pythia family) in Flax Linen.
+
+Quirks handled here (see `hf.py` for the weight side):
+- parallel residual (`use_parallel_residual`): x + attn(ln1(x)) + mlp(ln2(x)), else the serial form;
+- partial rotary: only the first `rotary_pct * head_dim` features of each head rotate;
+- an untied unembedding (`embed_out`), unless `tie_word_embeddings`;
+- the MLP activation is whatever `hidden_act` names (Pythia: exact-erf "gelu").
+
+The forward pass is cut into `embed`, `blocks(start, stop)` and `unembed` so callers can run the prefix
+up to a hook layer once and the suffix more than once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsae.models.layers import ACTIVATIONS, LayerNorm, attend, attention_mask, param, rotary
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTNeoXConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_mlp: int
+    rotary_pct: float = 0.25
+    rotary_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    hidden_act: str = "gelu"
+    attention_bias: bool = True
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    dtype: str = "float32"
+
+    arch = "gpt_neox"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def rot_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+class NeoXAttention(nn.Module):
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        """x: [b, t, D] -> [b, t, D]."""
+        c, dt = self.cfg, self.cfg.jnp_dtype
+        h, d, D = c.n_heads, c.head_dim, c.d_model
+        qkv_axes = ("embed", "heads", "head_dim")
+        q = jnp.einsum("btD,Dhd->bthd", x, param(self, "q_kernel", (D, h, d), qkv_axes, dt))
+        k = jnp.einsum("btD,Dhd->bthd", x, param(self, "k_kernel", (D, h, d), qkv_axes, dt))
+        v = jnp.einsum("btD,Dhd->bthd", x, param(self, "v_kernel", (D, h, d), qkv_axes, dt))
+        if c.attention_bias:
+            zeros = nn.initializers.zeros
+            q = q + param(self, "q_bias", (h, d), ("heads", "head_dim"), dt, zeros)
+            k = k + param(self, "k_bias", (h, d), ("heads", "head_dim"), dt, zeros)
+            v = v + param(self, "v_bias", (h, d), ("heads", "head_dim"), dt, zeros)
+        pos = jnp.arange(x.shape[1])
+        q = rotary(q, pos, c.rot_dim, c.rotary_base)
+        k = rotary(k, pos, c.rot_dim, c.rotary_base)
+        o = attend(q, k, v, mask, scale=d**-0.5)
+        out = jnp.einsum("bthd,hdD->btD", o, param(self, "o_kernel", (h, d, D), ("heads", "head_dim", "embed"), dt))
+        if c.attention_bias:
+            out = out + param(self, "o_bias", (D,), ("embed",), dt, nn.initializers.zeros)
+        return out
+
+
+class NeoXMLP(nn.Module):
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [b, t, D] -> [b, t, D]."""
+        c, dt = self.cfg, self.cfg.jnp_dtype
+        zeros = nn.initializers.zeros
+        up = x @ param(self, "up_kernel", (c.d_model, c.d_mlp), ("embed", "mlp"), dt)
+        up = up + param(self, "up_bias", (c.d_mlp,), ("mlp",), dt, zeros)
+        act = ACTIVATIONS[c.hidden_act](up)
+        down = act @ param(self, "down_kernel", (c.d_mlp, c.d_model), ("mlp", "embed"), dt)
+        return down + param(self, "down_bias", (c.d_model,), ("embed",), dt, zeros)
+
+
+class NeoXBlock(nn.Module):
+    cfg: GPTNeoXConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        c = self.cfg
+        ln1 = LayerNorm(c.layer_norm_eps, c.jnp_dtype, name="input_layernorm")
+        ln2 = LayerNorm(c.layer_norm_eps, c.jnp_dtype, name="post_attention_layernorm")
+        attn = NeoXAttention(c, name="attention")
+        mlp = NeoXMLP(c, name="mlp")
+        a = attn(ln1(x), mask)
+        if c.use_parallel_residual:
+            return x + a + mlp(ln2(x))
+        x = x + a
+        return x + mlp(ln2(x))
+
+
+class GPTNeoX(nn.Module):
+    """The whole model; call `embed`, `blocks` and `unembed` through `apply(..., method=...)`."""
+
+    cfg: GPTNeoXConfig
+
+    def setup(self):
+        c, dt = self.cfg, self.cfg.jnp_dtype
+        self.embed_in = self.param(
+            "embed_in", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (c.vocab_size, c.d_model), dt)
+        self.layers = [NeoXBlock(c) for _ in range(c.n_layers)]
+        self.final_layer_norm = LayerNorm(c.layer_norm_eps, dt)
+        if not c.tie_word_embeddings:
+            self.embed_out = self.param(
+                "embed_out", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                (c.d_model, c.vocab_size), dt)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int[b, t] -> residual [b, t, D]."""
+        return jnp.take(self.embed_in, tokens, axis=0)
+
+    def blocks(self, h: jax.Array, start: int, stop: int, key_valid: jax.Array | None = None) -> jax.Array:
+        """Runs blocks start..stop-1 on the residual h: [b, t, D] -> [b, t, D]."""
+        mask = attention_mask(h.shape[1], None, key_valid)
+        for layer in self.layers[start:stop]:
+            h = layer(h, mask)
+        return h
+
+    def unembed(self, h: jax.Array) -> jax.Array:
+        """Final norm and unembedding: [b, t, D] -> logits [b, t, V]."""
+        h = self.final_layer_norm(h)
+        w = self.embed_in.T if self.cfg.tie_word_embeddings else self.embed_out
+        return h @ w
+
+    def __call__(self, tokens: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
+        return self.unembed(self.blocks(self.embed(tokens), 0, self.cfg.n_layers, key_valid))

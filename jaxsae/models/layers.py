@@ -1,0 +1,138 @@
+"""Building blocks shared by the ports: parameters with logical axes, norms, rotary, attention.
+
+Every parameter is created through `param()`, which attaches logical axis names (`embed`, `heads`,
+`head_dim`, `mlp`, `vocab`, ...). `jaxsae.sharding` maps those names onto a device mesh in one table;
+nothing here knows about devices.
+
+Shapes: `b` batch, `t` query positions, `s` key positions, `h` query heads, `k` key/value heads,
+`g` query heads per key/value head, `d` head_dim, `D` d_model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+          dtype=jnp.float32, init: Callable = _INIT) -> jax.Array:
+    """Declares `name` on `module` with logical axis names `axes` (one per dim)."""
+    assert len(shape) == len(axes), (name, shape, axes)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+# Activations by the names Hugging Face configs use. "gelu" is the exact erf form in transformers.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias over the last axis (GPT-NeoX). x: [..., D] -> [..., D]."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        w = param(self, "scale", (d,), ("embed",), self.dtype, nn.initializers.ones)
+        b = param(self, "bias", (d,), ("embed",), self.dtype, nn.initializers.zeros)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + w) before the cast back.
+
+    The `1 +` is Gemma's quirk: the stored weight is zero-centred. transformers multiplies in float32
+    and then casts (not cast-then-multiply as in Llama), and so do we. x: [..., D] -> [..., D].
+    """
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = param(self, "scale", (x.shape[-1],), ("embed",), self.dtype, nn.initializers.zeros)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), -1, keepdims=True) + self.eps)
+        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, rot_dim: int, base: float) -> jax.Array:
+    """Rotary embedding on the first `rot_dim` features of each head ("rotate half" layout).
+
+    x: [b, t, h, d]; positions: int[t]. Features past `rot_dim` pass through (GPT-NeoX's partial
+    rotary). cos/sin are computed in float32 and cast to x's dtype, as transformers does.
+    """
+    if rot_dim == 0:
+        return x
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [t, rot_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]  # [1, t, 1, rot_dim]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    half = rot_dim // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+def attention_mask(t: int, sliding_window: int | None = None,
+                   key_valid: jax.Array | None = None) -> jax.Array:
+    """Boolean mask bool[b or 1, 1, 1, t, s]: causal, optionally banded and with invalid keys removed.
+
+    A key j is visible from query i when j <= i, and, with a window w, j > i - w (transformers'
+    sliding-window convention). key_valid: bool[b, s] marks padding as False.
+    """
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    mask = j <= i
+    if sliding_window is not None:
+        mask = mask & (j > i - sliding_window)
+    mask = mask[None, None, None]  # [1, 1, 1, t, s]
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, None, :]
+    return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+           softcap: float | None = None) -> jax.Array:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q: [b, t, h, d]; k, v: [b, s, kv, d] with h a multiple of kv; mask: bool broadcastable to
+    [b, kv, g, t, s]. Returns [b, t, h, d]. Logits are soft-capped (Gemma 2) before masking and the
+    softmax runs in float32, then probabilities are cast back to the activation dtype (as transformers).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+    logits = logits.astype(jnp.float32)
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def sqrt_in_dtype(n: int, dtype) -> jax.Array:
+    """√n rounded to `dtype` first, as Gemma's embedding scale is (matters in bfloat16)."""
+    return jnp.asarray(math.sqrt(n), dtype=jnp.float32).astype(dtype)
