@@ -152,35 +152,50 @@ def parse_config(cfg: dict, dtype: str) -> GPTNeoXConfig | GemmaConfig:
 
 # ------------------------------------------------------------------------------------ conversion
 
-Transform = Callable[[np.ndarray], np.ndarray]
+class Transform:
+    """One HF tensor -> our layout (`__call__`), and back (`inverse`, for export).
+
+    `part`/`parts`: for HF tensors that hold several of our params (GPT-NeoX's fused QKV), which
+    slice this is and how many there are; `inverse` then takes the list of all parts in order.
+    """
+
+    def __init__(self, fwd: Callable[[np.ndarray], np.ndarray], inv: Callable, part: int = 0, parts: int = 1):
+        self.fwd, self.inv, self.part, self.parts = fwd, inv, part, parts
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return self.fwd(w)
+
+    def inverse(self, ours):
+        return self.inv(ours)
 
 
-def transpose(w: np.ndarray) -> np.ndarray:
-    return w.T
-
-
-def identity(w: np.ndarray) -> np.ndarray:
-    return w
+identity = Transform(lambda w: w, lambda w: w)
+transpose = Transform(lambda w: w.T, lambda w: w.T)
 
 
 def heads_in(n_heads: int) -> Transform:
-    """torch Linear weight [h*d, D] -> our kernel [D, h, d]."""
-    return lambda w: w.reshape(n_heads, -1, w.shape[-1]).transpose(2, 0, 1)
+    """torch Linear weight [h*d, D] <-> our kernel [D, h, d]."""
+    return Transform(lambda w: w.reshape(n_heads, -1, w.shape[-1]).transpose(2, 0, 1),
+                     lambda k: k.transpose(1, 2, 0).reshape(-1, k.shape[0]))
 
 
 def heads_out(n_heads: int) -> Transform:
-    """torch Linear weight [D, h*d] -> our kernel [h, d, D]."""
-    return lambda w: w.T.reshape(n_heads, -1, w.shape[0])
+    """torch Linear weight [D, h*d] <-> our kernel [h, d, D]."""
+    return Transform(lambda w: w.T.reshape(n_heads, -1, w.shape[0]),
+                     lambda k: k.reshape(-1, k.shape[-1]).T)
 
 
 def neox_qkv(n_heads: int, which: int, bias: bool) -> Transform:
     """GPT-NeoX's fused query_key_value is interleaved per head: rows are [h, (q|k|v), d].
 
-    weight [3*h*d, D] -> kernel [D, h, d]; bias [3*h*d] -> [h, d]. `which`: 0 q, 1 k, 2 v.
+    weight [3*h*d, D] <-> kernel [D, h, d]; bias [3*h*d] <-> [h, d]. `which`: 0 q, 1 k, 2 v.
     """
     if bias:
-        return lambda b: b.reshape(n_heads, 3, -1)[:, which]
-    return lambda w: w.reshape(n_heads, 3, -1, w.shape[-1])[:, which].transpose(2, 0, 1)
+        return Transform(lambda b: b.reshape(n_heads, 3, -1)[:, which],
+                         lambda parts: np.stack(parts, axis=1).reshape(-1), which, 3)
+    return Transform(lambda w: w.reshape(n_heads, 3, -1, w.shape[-1])[:, which].transpose(2, 0, 1),
+                     lambda parts: np.stack([k.transpose(1, 2, 0) for k in parts], axis=1).reshape(-1, parts[0].shape[0]),
+                     which, 3)
 
 
 Rule = tuple[str, str, Transform]  # (our path "a/b/c", HF tensor name, transform)
@@ -364,3 +379,21 @@ def iter_converted(c, weights: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (our param path, array in `dtype`) one tensor at a time."""
     for ours, hf, fn in conversion_table(c):
         yield ours, np.ascontiguousarray(fn(weights[hf].get(hf))).astype(dtype, copy=False)
+
+
+def to_hf_state_dict(c, params, dtype=None) -> dict[str, np.ndarray]:
+    """Our params -> HF tensor names and layouts (the inverse of the conversion table)."""
+    from flax import traverse_util
+
+    flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+    out: dict[str, np.ndarray] = {}
+    parts: dict[str, list] = {}
+    for ours, hf_name, fn in conversion_table(c):
+        if fn.parts == 1:
+            out[hf_name] = fn.inverse(flat[ours])
+            continue
+        got = parts.setdefault(hf_name, [None] * fn.parts)
+        got[fn.part] = flat[ours]
+        if all(p is not None for p in got):
+            out[hf_name] = fn.inverse(got)
+    return {k: np.ascontiguousarray(v if dtype is None else v.astype(dtype)) for k, v in out.items()}

@@ -1,0 +1,236 @@
+"""Shared pieces of every SAE kind: parameters, encoder/decoder, output type.
+
+Shape notation: N = number of tokens after flattening leading dims,
+D = d_model, S = d_sae. Every kind computes
+
+    pre   = (x - b_dec) @ W_enc + b_enc          f32[N, S]
+    f     = activation(pre)                      f32[N, S]   (kind-specific)
+    x_hat = f @ W_dec + b_dec                    f32[N, D]
+
+Subtracting b_dec before encoding (Gao et al.) lets b_dec, initialised at the
+geometric median of the data, centre the inputs for every kind; for ReLU and
+JumpReLU it is only a reparametrisation of b_enc.
+
+Parameter logical axes ('d_model', 'd_sae') are attached with
+`nn.with_logical_partitioning`; sharding maps 'd_sae' to a mesh axis later.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxsae.sae.config import SAEConfig
+
+
+class SAEOutput(NamedTuple):
+    """Auxiliary outputs of `SAE.__call__`.
+
+    Loss terms are already multiplied by their coefficients, so a trainer's
+    loss is `reconstruction_loss(x, x_hat) + out.aux_loss`.
+
+    Attributes:
+      f: f32[..., d_sae] latent activations (same leading dims as x).
+      pre: f32[..., d_sae] pre-activations (x - b_dec) @ W_enc + b_enc.
+      l0: f32[] mean number of active latents per token (metric, no grad).
+      fired: bool[d_sae] latents active on at least one token of the batch;
+        feed to `update_dead_counter`.
+      l1: f32[] l1_coeff * mean_tokens sum_i f_i ||W_dec,i||  (relu; else 0).
+      l0_loss: f32[] l0_coeff * mean_tokens L0 with STE grads (jumprelu; else 0).
+      auxk: f32[] auxk_coeff * AuxK dead-latent loss (topk/batchtopk; else 0).
+    """
+
+    f: jax.Array
+    pre: jax.Array
+    l0: jax.Array
+    fired: jax.Array
+    l1: jax.Array
+    l0_loss: jax.Array
+    auxk: jax.Array
+
+    @property
+    def aux_loss(self) -> jax.Array:
+        """f32[]: sum of all sparsity / auxiliary loss terms."""
+        return self.l1 + self.l0_loss + self.auxk
+
+
+def reconstruction_loss(x: jax.Array, x_hat: jax.Array) -> jax.Array:
+    """f32[]: mean over tokens of ||x - x_hat||^2 (summed over d_model).
+
+    Summing over d_model (not averaging) keeps l1/l0 coefficients on the
+    scale used by the Anthropic April update and Gemma Scope.
+    """
+    err = (x.astype(jnp.float32) - x_hat.astype(jnp.float32)) ** 2
+    return jnp.mean(jnp.sum(err, axis=-1))
+
+
+def unit_rows(key: jax.Array, shape, dtype=jnp.float32, norm: float = 1.0) -> jax.Array:
+    """Random directions with rows of L2 norm `norm`: f32[shape]."""
+    w = jax.random.normal(key, shape, jnp.float32)
+    w = norm * w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    return w.astype(dtype)
+
+
+def scatter_rows(shape, idx: jax.Array, vals: jax.Array) -> jax.Array:
+    """Dense f32[N, S] with vals[n, j] written at column idx[n, j] of row n.
+
+    Scatter (rather than a `pre >= kth_value` mask) keeps exactly k entries
+    even when activations tie, which bf16 makes likely.
+    """
+    rows = jnp.arange(shape[0])[:, None]
+    return jnp.zeros(shape, vals.dtype).at[rows, idx].set(vals)
+
+
+def auxk_loss(
+    pre: jax.Array, dead: jax.Array, residual: jax.Array, W_dec: jax.Array, k_aux: int
+) -> jax.Array:
+    """AuxK loss of Gao et al. (2024), unscaled: f32[].
+
+    The top-k_aux *dead* latents (by pre-activation) try to reconstruct the
+    main model's residual; this gives dead latents a gradient that pulls them
+    towards what the live ones miss.
+
+    Args:
+      pre: f32[N, S] pre-activations.
+      dead: bool[S] dead-latent mask.
+      residual: f32[N, D] e = x - x_hat, already stop-gradient'ed.
+      W_dec: f32[S, D].
+      k_aux: static number of latents used per token.
+    Returns:
+      sum ||e - e_hat||^2 / sum ||e||^2, or exactly 0 when nothing is dead.
+    """
+    # Live latents get the most negative float so top_k never prefers them;
+    # if fewer than k_aux latents are dead the extra picks relu to 0.
+    masked = jnp.where(dead[None, :], pre, jnp.finfo(pre.dtype).min)
+    vals, idx = jax.lax.top_k(masked, k_aux)
+    f_aux = scatter_rows(pre.shape, idx, jax.nn.relu(vals))
+    e_hat = f_aux @ W_dec.astype(f_aux.dtype)
+    num = jnp.sum((residual - e_hat) ** 2)
+    den = jnp.maximum(jnp.sum(residual**2), jnp.finfo(jnp.float32).tiny)
+    return jnp.where(jnp.any(dead), num / den, 0.0)
+
+
+def update_dead_counter(tokens_since_fired: jax.Array, fired: jax.Array, n_tokens) -> jax.Array:
+    """i32[d_sae]: reset latents that fired, add n_tokens to the others.
+
+    Saturates instead of overflowing int32 on long runs.
+    """
+    cap = jnp.iinfo(jnp.int32).max
+    c = tokens_since_fired.astype(jnp.int32)
+    n = jnp.asarray(n_tokens, jnp.int32)
+    grown = jnp.where(c >= cap - n, cap, c + n)  # compare first: c + n may wrap
+    return jnp.where(fired, 0, grown)
+
+
+def dead_mask(tokens_since_fired: jax.Array, cfg: SAEConfig) -> jax.Array:
+    """bool[d_sae]: latents silent for >= cfg.dead_tokens_threshold tokens."""
+    return tokens_since_fired >= cfg.dead_tokens_threshold
+
+
+class SAEBase(nn.Module):
+    """Parameters, encoder and decoder shared by every kind.
+
+    Subclasses implement `activate(pre, train)` and may override
+    `penalties(...)` and `setup()` (calling `super().setup()` first).
+
+    Params: W_enc f32[d_model, d_sae], b_enc f32[d_sae],
+            W_dec f32[d_sae, d_model], b_dec f32[d_model].
+    """
+
+    cfg: SAEConfig
+    # Norm of the initial decoder rows; W_enc starts as W_dec.T.
+    decoder_init_norm: ClassVar[float] = 1.0
+
+    def setup(self):
+        cfg = self.cfg
+        S, D = cfg.d_sae, cfg.d_model
+        part = nn.with_logical_partitioning
+        init_dec = functools.partial(unit_rows, norm=self.decoder_init_norm)
+        W_dec = self.param("W_dec", part(init_dec, ("d_sae", "d_model")), (S, D))
+        # Encoder starts as the decoder transpose (Gao et al.): each latent
+        # initially reads the direction it writes, which cuts dead latents.
+        self.W_enc = self.param(
+            "W_enc", part(lambda _key, _shape: W_dec.T, ("d_model", "d_sae")), (D, S)
+        )
+        self.W_dec = W_dec
+        self.b_enc = self.param("b_enc", part(nn.initializers.zeros_init(), ("d_sae",)), (S,))
+        self.b_dec = self.param("b_dec", part(nn.initializers.zeros_init(), ("d_model",)), (D,))
+
+    # -- kind-specific hooks -------------------------------------------------
+    def activate(self, pre: jax.Array, train: bool) -> jax.Array:
+        """f32[N, S] -> f32[N, S] latent activations."""
+        raise NotImplementedError
+
+    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
+        """(l1, l0_loss, auxk) scaled loss terms, each f32[]; default all 0.
+
+        x: f32[N, D], pre/f: f32[N, S], x_hat: f32[N, D], dead: bool[S]|None.
+        """
+        zero = jnp.zeros((), jnp.float32)
+        return zero, zero, zero
+
+    # -- shared interface ----------------------------------------------------
+    def pre_acts(self, x: jax.Array) -> jax.Array:
+        """f32[N, D] -> f32[N, S]; matmul in cfg.dtype, accumulate in f32."""
+        dt = self.cfg.compute_dtype
+        xc = (x.astype(jnp.float32) - self.b_dec).astype(dt)
+        pre = jnp.dot(xc, self.W_enc.astype(dt), preferred_element_type=jnp.float32)
+        return pre + self.b_enc
+
+    def _flat(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"input last dim {x.shape[-1]} != sae.d_model={self.cfg.d_model}: "
+                "pass activations shaped [..., d_model]"
+            )
+        return x.reshape(-1, self.cfg.d_model)
+
+    def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: f32[..., d_model] -> f: f32[..., d_sae].
+
+        train=False is inference mode (matters for batchtopk, which then
+        uses its calibrated threshold instead of a batch-wide top-k).
+        """
+        f = self.activate(self.pre_acts(self._flat(x)), train)
+        return f.reshape(*x.shape[:-1], self.cfg.d_sae)
+
+    def decode(self, f: jax.Array) -> jax.Array:
+        """f: f32[..., d_sae] -> x_hat: f32[..., d_model]."""
+        dt = self.cfg.compute_dtype
+        out = jnp.dot(f.astype(dt), self.W_dec.astype(dt), preferred_element_type=jnp.float32)
+        return out + self.b_dec
+
+    def __call__(self, x: jax.Array, dead: jax.Array | None = None, train: bool = True,
+                 l1_coeff=None):
+        """Full forward pass for training.
+
+        Args:
+          x: f32[..., d_model] activations.
+          dead: optional bool[d_sae] dead-latent mask for AuxK (None: none dead).
+          train: training mode (batchtopk: batch-wide top-k).
+          l1_coeff: optional (traced) override of cfg.l1_coeff, e.g. from
+            `l1_coeff_at(step, cfg)`; only relu uses it.
+        Returns:
+          x_hat: f32[..., d_model], SAEOutput.
+        """
+        lead = x.shape[:-1]
+        x2 = self._flat(x).astype(jnp.float32)
+        pre = self.pre_acts(x2)
+        f = self.activate(pre, train)
+        x_hat = self.decode(f)
+        l1, l0_loss, auxk = self.penalties(x2, pre, f, x_hat, dead, l1_coeff)
+        active = f > 0
+        out = SAEOutput(
+            f=f.reshape(*lead, -1),
+            pre=pre.reshape(*lead, -1),
+            l0=jax.lax.stop_gradient(jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))),
+            fired=jnp.any(active, axis=0),
+            l1=l1,
+            l0_loss=l0_loss,
+            auxk=auxk,
+        )
+        return x_hat.reshape(*lead, self.cfg.d_model), out

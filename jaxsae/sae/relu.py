@@ -1,0 +1,48 @@
+"""Standard ReLU + L1 SAE, following Anthropic's "April 2024 update".
+
+f = relu(pre). Sparsity comes from an L1 penalty weighted by decoder row
+norms, sum_i f_i * ||W_dec,i||, which makes the penalty invariant to moving
+scale between encoder and decoder; hence no unit-norm decoder constraint.
+The coefficient is warmed up linearly from 0 (`l1_coeff_at`) so latents can
+first find useful directions before being pushed to zero.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxsae.sae.base import SAEBase
+from jaxsae.sae.config import SAEConfig
+
+
+def l1_coeff_at(step, cfg: SAEConfig):
+    """f32[]: linear warm-up 0 -> cfg.l1_coeff over cfg.l1_warmup_steps.
+
+    `step` may be a traced integer; pass the result as `l1_coeff=` to
+    `ReLUSAE.__call__`.
+    """
+    if cfg.l1_warmup_steps <= 0:
+        return jnp.asarray(cfg.l1_coeff, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.l1_warmup_steps, 1.0)
+    return cfg.l1_coeff * frac
+
+
+class ReLUSAE(SAEBase):
+    """ReLU SAE with decoder-norm-weighted L1; see `SAEBase` for the interface.
+
+    Decoder rows start at norm 0.1 (April update: small random directions),
+    and W_enc = W_dec.T.
+    """
+
+    decoder_init_norm = 0.1
+
+    def activate(self, pre: jax.Array, train: bool) -> jax.Array:
+        return jax.nn.relu(pre)
+
+    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
+        zero = jnp.zeros((), jnp.float32)
+        coeff = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
+        dec_norm = jnp.linalg.norm(self.W_dec, axis=-1)  # f32[S]
+        l1 = jnp.mean(jnp.sum(f * dec_norm, axis=-1))
+        return coeff * l1, zero, zero

@@ -1,0 +1,47 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+Each token keeps its k largest pre-activations (ReLU applied after the
+top-k, so fewer than k may be active if some of the top-k are negative).
+Sparsity is exact by construction, so there is no L1 term; the decoder rows
+are kept at unit norm by `decoder_norm.unit_norm_decoder`, and dead latents
+are revived with the AuxK loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxsae.sae.base import SAEBase, auxk_loss, scatter_rows
+
+
+def topk_activation(pre: jax.Array, k: int) -> jax.Array:
+    """f32[N, S] -> f32[N, S] with only each row's top-k (ReLU'd) entries kept.
+
+    jax.lax.top_k is a global top-k over the whole d_sae axis (under sharding
+    XLA gathers the axis; fine at SAE widths).
+    """
+    vals, idx = jax.lax.top_k(pre, k)
+    return scatter_rows(pre.shape, idx, jax.nn.relu(vals))
+
+
+class TopKSAE(SAEBase):
+    """TopK sparse autoencoder; see `SAEBase` for params and interface.
+
+    `__call__(x, dead)` adds `auxk` = auxk_coeff * AuxK(dead) to the output
+    whenever a dead mask with at least one dead latent is passed.
+    """
+
+    def activate(self, pre: jax.Array, train: bool) -> jax.Array:
+        return topk_activation(pre, self.cfg.k)
+
+    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
+        zero = jnp.zeros((), jnp.float32)
+        if dead is None:  # static: skip the extra top-k entirely
+            return zero, zero, zero
+        # The residual is a fixed target: AuxK must not pull the main
+        # reconstruction towards what the dead latents can express.
+        residual = jax.lax.stop_gradient(x - x_hat)
+        aux = auxk_loss(pre, jnp.asarray(dead, bool), residual, self.W_dec,
+                        self.cfg.effective_k_aux)
+        return zero, zero, self.cfg.auxk_coeff * aux

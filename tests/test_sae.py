@@ -1,0 +1,351 @@
+"""Tests for jaxsae.sae: per-kind behaviour, decoder-norm helpers, init, and a
+planted-dictionary recovery test. Small sizes: runs on 2 CPU cores."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxsae.sae import (
+    SAEConfig,
+    dead_mask,
+    geometric_median,
+    heaviside_step,
+    init_sae,
+    jumprelu,
+    l1_coeff_at,
+    make_sae,
+    maybe_unit_norm_decoder,
+    project_out_parallel_grad,
+    reconstruction_loss,
+    renormalize_decoder,
+    sae_param_axes,
+    unit_norm_decoder,
+    update_dead_counter,
+    update_threshold,
+)
+
+D, S = 32, 256
+
+
+def _x(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _setup(kind, **kw):
+    cfg = SAEConfig(kind=kind, d_model=D, d_sae=S, **kw).validate()
+    return cfg, make_sae(cfg), init_sae(cfg, jax.random.key(1))
+
+
+# ---------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(kind="topk", d_model=32, d_sae=64, k=65), "sae.k=65 exceeds sae.d_sae=64"),
+        (dict(kind="nope", d_model=32, d_sae=64), "sae.kind"),
+        (dict(kind="relu", d_model=0, d_sae=64), "sae.d_model"),
+        (dict(kind="relu", d_model=32, d_sae=-1), "sae.d_sae"),
+        (dict(kind="topk", d_model=32, d_sae=64, k=0), "sae.k"),
+        (dict(kind="topk", d_model=32, d_sae=64, k_aux=100), "sae.k_aux"),
+        (dict(kind="relu", d_model=32, d_sae=64, l1_coeff=-1.0), "sae.l1_coeff"),
+        (dict(kind="jumprelu", d_model=32, d_sae=64, jumprelu_bandwidth=0.0), "sae.jumprelu_bandwidth"),
+        (dict(kind="relu", d_model=32, d_sae=64, dtype="int8"), "sae.dtype"),
+    ],
+)
+def test_config_validation_errors(kw, needle):
+    with pytest.raises(ValueError) as e:
+        SAEConfig(**kw).validate()
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+    with pytest.raises(ValueError):
+        make_sae(SAEConfig(**kw))  # make_sae validates too
+
+
+def test_config_defaults():
+    cfg = SAEConfig(kind="topk", d_model=64, d_sae=512).validate()
+    assert cfg.effective_k_aux == 32 and cfg.unit_norm_decoder
+    assert SAEConfig(kind="topk", d_model=64, d_sae=8, k=4).effective_k_aux == 8
+    assert not SAEConfig(kind="relu", d_model=64, d_sae=512).unit_norm_decoder
+    hash(cfg)  # usable as a jit static arg
+
+
+# ---------------------------------------------------------------- init / axes
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_init_and_axes(kind):
+    cfg, _, _ = _setup(kind)
+    sample = _x((200, D)) + 3.0
+    params = init_sae(cfg, jax.random.key(0), sample)
+    axes = sae_param_axes(cfg)
+    assert jax.tree.structure(params) == jax.tree.structure(axes, is_leaf=lambda a: isinstance(a, P))
+    assert params["W_enc"].shape == (D, S) and params["W_dec"].shape == (S, D)
+    assert axes["W_enc"] == P("d_model", "d_sae") and axes["W_dec"] == P("d_sae", "d_model")
+    assert axes["b_enc"] == P("d_sae") and axes["b_dec"] == P("d_model")
+    np.testing.assert_allclose(params["W_enc"], params["W_dec"].T)
+    np.testing.assert_allclose(params["b_dec"], geometric_median(sample), rtol=1e-6)
+    norms = jnp.linalg.norm(params["W_dec"], axis=1)
+    np.testing.assert_allclose(norms, 0.1 if kind == "relu" else 1.0, rtol=1e-5)
+    if kind == "jumprelu":
+        assert axes["log_threshold"] == P("d_sae")
+        np.testing.assert_allclose(jnp.exp(params["log_threshold"]), cfg.jumprelu_init_threshold, rtol=1e-5)
+    if kind == "batchtopk":
+        assert axes["threshold"] == P() and params["threshold"].shape == ()
+    assert float(jnp.abs(init_sae(cfg, jax.random.key(0))["b_dec"]).max()) == 0.0
+
+
+def test_geometric_median_is_robust():
+    # Three collinear points: the median is the middle one; the mean is not.
+    x = jnp.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]])
+    np.testing.assert_allclose(geometric_median(x), [1.0, 0.0], atol=1e-2)
+    # A far outlier barely moves the median.
+    cluster = _x((99, 8)) * 0.1 + 1.0
+    x = jnp.concatenate([cluster, jnp.full((1, 8), 1e4)])
+    assert float(jnp.abs(geometric_median(x) - 1.0).max()) < 0.1
+    assert float(jnp.abs(x.mean(0) - 1.0).max()) > 50
+
+
+# ---------------------------------------------------------------- topk
+
+
+def test_topk_shapes_and_exact_l0():
+    cfg, model, params = _setup("topk", k=8)
+    x = _x((2, 5, D))
+    v = {"params": params}
+    x_hat, out = model.apply(v, x)
+    assert x_hat.shape == (2, 5, D) and out.f.shape == (2, 5, S) and out.pre.shape == (2, 5, S)
+    np.testing.assert_array_equal(jnp.sum(out.f > 0, axis=-1), 8)
+    assert float(out.l0) == 8.0
+    assert out.fired.shape == (S,) and out.fired.dtype == jnp.bool_
+    np.testing.assert_array_equal(out.fired, jnp.any(out.f.reshape(-1, S) > 0, axis=0))
+    # The kept entries are the largest pre-activations.
+    kth = jax.lax.top_k(out.pre, 8)[0][..., -1:]
+    assert bool(jnp.all(jnp.where(out.f > 0, out.pre >= kth, True)))
+    f = model.apply(v, x, method=model.encode)
+    np.testing.assert_allclose(f, out.f, atol=1e-6)
+    np.testing.assert_allclose(model.apply(v, f, method=model.decode), x_hat, atol=1e-5)
+    assert float(out.aux_loss) == 0.0  # no dead mask -> no AuxK
+
+
+def test_topk_bfloat16_compute():
+    cfg, model, params = _setup("topk", k=8, dtype="bfloat16")
+    x_hat, out = model.apply({"params": params}, _x((4, D)))
+    assert x_hat.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(x_hat)))
+    np.testing.assert_array_equal(jnp.sum(out.f > 0, axis=-1), 8)
+
+
+def test_auxk_only_with_dead_latents():
+    cfg, model, params = _setup("topk", k=4, auxk_coeff=0.5)
+    x = _x((16, D))
+    dead = jnp.arange(S) < 64
+
+    @jax.jit
+    def auxk(p, d):
+        return model.apply({"params": p}, x, dead=d)[1].auxk
+
+    assert float(auxk(params, None)) == 0.0
+    assert float(auxk(params, jnp.zeros(S, bool))) == 0.0
+    val = auxk(params, dead)
+    assert 0.0 < float(val) < 0.5 * 10
+    g = jax.grad(auxk)(params, dead)["W_dec"]
+    row_norm = jnp.linalg.norm(g, axis=1)
+    assert float(row_norm[:64].max()) > 0.0  # dead rows learn from the residual
+    assert float(row_norm[64:].max()) == 0.0  # live rows are untouched by AuxK
+
+
+def test_dead_counter():
+    c = jnp.zeros(4, jnp.int32)
+    c = update_dead_counter(c, jnp.array([True, False, False, True]), 100)
+    c = update_dead_counter(c, jnp.array([False, False, True, True]), 100)
+    np.testing.assert_array_equal(c, [100, 200, 0, 0])
+    cfg = SAEConfig(kind="topk", d_model=4, d_sae=4, k=1, dead_tokens_threshold=150)
+    np.testing.assert_array_equal(dead_mask(c, cfg), [False, True, False, False])
+    big = update_dead_counter(jnp.full(1, 2**30, jnp.int32), jnp.zeros(1, bool), 2**30)
+    assert int(big[0]) > 0  # saturates instead of wrapping negative
+
+
+# ---------------------------------------------------------------- batchtopk
+
+
+def test_batchtopk_train_budget_and_threshold():
+    cfg, model, params = _setup("batchtopk", k=8)
+    B = 16
+    x = _x((B, D))
+    _, out = model.apply({"params": params}, x, train=True)
+    assert int(jnp.sum(out.f > 0)) == 8 * B
+    per_token = jnp.sum(out.f > 0, axis=-1)
+    assert float(per_token.mean()) == 8.0
+
+    min_pos = float(jnp.min(jnp.where(out.f > 0, out.f, jnp.inf)))
+    thr = update_threshold(params["threshold"], out.f)  # uncalibrated: take min
+    np.testing.assert_allclose(thr, min_pos, rtol=1e-6)
+    thr2 = update_threshold(thr, 2.0 * out.f, decay=0.9)
+    np.testing.assert_allclose(thr2, 0.9 * min_pos + 0.1 * 2 * min_pos, rtol=1e-5)
+    assert float(update_threshold(thr, jnp.zeros_like(out.f))) == float(thr)
+
+    params = dict(params, threshold=thr)
+    f_inf = model.apply({"params": params}, x, method=model.encode)  # train=False
+    np.testing.assert_array_equal(f_inf > 0, out.pre > thr)
+    np.testing.assert_allclose(f_inf, jnp.where(out.pre > thr, out.pre, 0.0))
+    # The threshold is not trained by gradients.
+    g = jax.grad(lambda p: model.apply({"params": p}, x, train=False)[0].sum())(params)
+    assert float(g["threshold"]) == 0.0
+
+
+# ---------------------------------------------------------------- decoder norm
+
+
+def test_unit_norm_decoder_update():
+    cfg, model, params = _setup("topk", k=8)
+    x = _x((32, D))
+
+    def loss(p):
+        x_hat, out = model.apply({"params": p}, x)
+        return reconstruction_loss(x, x_hat)
+
+    grad_fn = jax.jit(jax.grad(loss))
+    grads = grad_fn(params)
+    pg = project_out_parallel_grad(grads, params)
+    par = jnp.sum(pg["W_dec"] * params["W_dec"], axis=1)
+    assert float(jnp.abs(par).max()) < 1e-5
+    assert float(jnp.abs(jnp.sum(grads["W_dec"] * params["W_dec"], axis=1)).max()) > 1e-3
+    np.testing.assert_array_equal(pg["W_enc"], grads["W_enc"])
+
+    tx = maybe_unit_norm_decoder(cfg, optax.adam(1e-2))
+    state = tx.init(params)
+    new = params
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        u, state = update(grad_fn(new), state, new)
+        new = optax.apply_updates(new, u)
+    np.testing.assert_allclose(jnp.linalg.norm(new["W_dec"], axis=1), 1.0, atol=1e-5)
+    assert float(jnp.abs(new["W_dec"] - params["W_dec"]).max()) > 1e-3
+    # Non-decoder leaves get exactly the inner optimizer's update.
+    inner = optax.adam(1e-2)
+    u_ref, _ = inner.update(grads, inner.init(params), params)
+    u_wrapped, _ = unit_norm_decoder(inner).update(grads, tx.init(params), params)
+    np.testing.assert_allclose(u_wrapped["b_enc"], u_ref["b_enc"])
+
+    rn = renormalize_decoder({"params": {"W_dec": 3.0 * params["W_dec"], "b": jnp.ones(2)}})
+    np.testing.assert_allclose(jnp.linalg.norm(rn["params"]["W_dec"], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(rn["params"]["b"], 1.0)
+    relu_cfg = SAEConfig(kind="relu", d_model=D, d_sae=S)
+    base = optax.sgd(0.1)
+    assert maybe_unit_norm_decoder(relu_cfg, base) is base
+
+
+# ---------------------------------------------------------------- relu
+
+
+def test_relu_l1_and_warmup():
+    cfg, model, params = _setup("relu", l1_coeff=2.0, l1_warmup_steps=100)
+    assert float(l1_coeff_at(0, cfg)) == 0.0
+    assert float(l1_coeff_at(50, cfg)) == pytest.approx(1.0)
+    assert float(l1_coeff_at(jnp.int32(500), cfg)) == pytest.approx(2.0)
+    assert float(l1_coeff_at(7, SAEConfig("relu", 4, 4, l1_coeff=0.5))) == 0.5
+    x = _x((8, D))
+    _, out = model.apply({"params": params}, x)
+    np.testing.assert_allclose(out.f, jax.nn.relu(out.pre))
+    norms = jnp.linalg.norm(params["W_dec"], axis=1)
+    expected = 2.0 * jnp.mean(jnp.sum(out.f * norms, axis=-1))
+    np.testing.assert_allclose(out.l1, expected, rtol=1e-5)
+    _, out_half = model.apply({"params": params}, x, l1_coeff=l1_coeff_at(50, cfg))
+    np.testing.assert_allclose(out_half.l1, expected / 2, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- jumprelu
+
+
+def test_jumprelu_ste_gradients():
+    eps = 0.1
+    x = jnp.array([[0.3, 0.52, 0.58, 1.0]])
+    theta = jnp.full((4,), 0.55)
+    np.testing.assert_allclose(jumprelu(x, theta, eps), [[0.0, 0.0, 0.58, 1.0]])
+    gx, gt = jax.grad(lambda x, t: jumprelu(x, t, eps).sum(), argnums=(0, 1))(x, theta)
+    np.testing.assert_allclose(gx, [[0, 0, 1, 1]])
+    # Only the two entries within eps/2 of theta feel the rectangle kernel.
+    np.testing.assert_allclose(gt, [0, -0.55 / eps, -0.55 / eps, 0], rtol=1e-6)
+    gt0 = jax.grad(lambda t: heaviside_step(x, t, eps).sum())(theta)
+    np.testing.assert_allclose(gt0, [0, -1 / eps, -1 / eps, 0], rtol=1e-6)
+
+
+def test_jumprelu_threshold_gets_gradient():
+    cfg, model, params = _setup(
+        "jumprelu", l0_coeff=1.0, jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.1
+    )
+    x = _x((64, D))
+
+    def parts(p):
+        x_hat, out = model.apply({"params": p}, x)
+        return reconstruction_loss(x, x_hat), out.l0_loss
+
+    _, out = model.apply({"params": params}, x)
+    np.testing.assert_allclose(out.f, jnp.where(out.pre > 0.5, out.pre, 0.0), rtol=1e-5)
+    assert float(out.l0_loss) == pytest.approx(float(out.l0), rel=1e-5)
+    g_mse = jax.grad(lambda p: parts(p)[0])(params)["log_threshold"]
+    g_l0 = jax.grad(lambda p: parts(p)[1])(params)["log_threshold"]
+    assert float(jnp.abs(g_mse).max()) > 0.0
+    assert float(jnp.abs(g_l0).max()) > 0.0
+    assert float(g_l0.max()) <= 0.0  # raising theta lowers L0
+    assert bool(jnp.all(jnp.isfinite(g_mse)))
+
+
+# ---------------------------------------------------------------- planted dictionary
+
+
+def _planted_recovery(kind, *, seed=0, steps=2000, d_model=32, n_atoms=128, sparsity=4, batch=256, **kw):
+    """Train on x = sum of `sparsity` random unit atoms; return the fraction of
+    atoms whose best-matching decoder row has cosine > 0.9."""
+    key = jax.random.key(seed)
+    atoms = jax.random.normal(jax.random.fold_in(key, 1), (n_atoms, d_model))
+    atoms = atoms / jnp.linalg.norm(atoms, axis=1, keepdims=True)
+
+    def sample(k):
+        k1, k2, k3 = jax.random.split(k, 3)
+        idx = jax.lax.top_k(jax.random.uniform(k1, (batch, n_atoms)), sparsity)[1]
+        coef = jax.random.uniform(k2, (batch, sparsity), minval=0.5, maxval=1.5)
+        x = jnp.einsum("bs,bsd->bd", coef, atoms[idx])
+        return x + 0.01 * jax.random.normal(k3, x.shape)
+
+    cfg = SAEConfig(kind=kind, d_model=d_model, d_sae=2 * n_atoms, k=sparsity,
+                    dead_tokens_threshold=50 * batch, **kw).validate()
+    model = make_sae(cfg)
+    params = init_sae(cfg, jax.random.fold_in(key, 2), sample(jax.random.fold_in(key, 3)))
+    tx = maybe_unit_norm_decoder(cfg, optax.adam(3e-3))
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt, counter, i):
+        x = sample(jax.random.fold_in(key, 100 + i))
+
+        def loss_fn(p):
+            x_hat, out = model.apply({"params": p}, x, dead=dead_mask(counter, cfg),
+                                     l1_coeff=l1_coeff_at(i, cfg))
+            return reconstruction_loss(x, x_hat) + out.aux_loss, out
+
+        (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, u), opt, update_dead_counter(counter, out.fired, batch)
+
+    counter = jnp.zeros((cfg.d_sae,), jnp.int32)
+    for i in range(steps):
+        params, opt, counter = step(params, opt, counter, i)
+    W = params["W_dec"] / jnp.linalg.norm(params["W_dec"], axis=1, keepdims=True)
+    return float(jnp.mean(jnp.max(atoms @ W.T, axis=1) > 0.9))
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("topk", {}),
+        ("relu", dict(l1_coeff=1.0, l1_warmup_steps=400)),
+    ],
+)
+def test_planted_dictionary_recovery(kind, kw):
+    assert _planted_recovery(kind, **kw) >= 0.9
