@@ -1,0 +1,264 @@
+"""Run configuration: frozen dataclasses, loaded from YAML with every key checked.
+
+A YAML file in `configs/` says only what differs from the defaults (which are the paper's settings).
+`--set a.b=value` overrides any key. Unknown keys, wrong types and impossible values stop the run with
+one line naming the key and the fix (`ConfigError`), before any model is loaded or compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCfg:
+    path: str = "shipped"  # a local HF directory, a hub id, or "shipped" (the small stdlib Pythia)
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class HookCfg:
+    layer: int = 1  # the residual stream after this block (0-indexed)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataCfg:
+    source: dict = dataclasses.field(default_factory=lambda: {"kind": "stdlib", "split": "train"})
+    eval_source: dict = dataclasses.field(default_factory=lambda: {"kind": "stdlib", "split": "val"})
+    context: int = 128
+    prepend_bos: bool = False  # start every context with BOS (Gemma); Pythia packs without one
+    # Whether position 0 counts for the MSE, the KL and evaluation (same everywhere). Position 0 of
+    # a packed context attends only to itself and has an outsized norm, so it is excluded by default.
+    include_first_position: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreCfg:
+    path: str = ""  # tensorstore kvstore path or URL; "" -> <run_dir>/store
+    dtype: str = "float32"
+    tokens: int = 2_000_000
+    batch_contexts: int = 32
+    norm_sample_tokens: int = 65_536
+
+
+@dataclasses.dataclass(frozen=True)
+class SAECfg:
+    kind: str = "topk"
+    d_sae: int = 4096
+    k: int = 32
+    l1_coeff: float = 0.0
+    l1_warmup_steps: int = 0
+    jumprelu_init_threshold: float = 1e-3
+    jumprelu_bandwidth: float = 1e-3
+    l0_coeff: float = 0.0
+    auxk_coeff: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens_threshold: int = 10_000_000
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class MSECfg:
+    tokens: int = 1_000_000  # total activation rows the MSE phase trains on
+    batch_size: int = 2048  # tokens per step
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    warmup_steps: int = 1000
+    decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps (paper)
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointCfg:
+    every_steps: int = 500
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCfg:
+    sequences: int = 64
+    batch_sequences: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    model: ModelCfg = ModelCfg()
+    hook: HookCfg = HookCfg()
+    data: DataCfg = DataCfg()
+    store: StoreCfg = StoreCfg()
+    sae: SAECfg = SAECfg()
+    mse: MSECfg = MSECfg()
+    checkpoint: CheckpointCfg = CheckpointCfg()
+    eval: EvalCfg = EvalCfg()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- building
+
+def _is_dataclass_type(t) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _coerce(key: str, value: Any, typ) -> Any:
+    """Checks `value` against the annotation `typ`; YAML's "1e-3" (a string to PyYAML) becomes a float."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}={value!r} must be an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} must be a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a string")
+    if typ is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key}={value!r} must be a mapping")
+    if _is_dataclass_type(typ):
+        return build(typ, value, key)
+    raise AssertionError(f"unhandled config type {typ} for {key}")
+
+
+def build(cls, data: dict | None, prefix: str = ""):
+    """Builds dataclass `cls` from a nested dict, rejecting unknown keys."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]}: valid keys here are {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """YAML file (or `base` dict) + `key.path=value` overrides -> a checked RunConfig."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        tree = loaded
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    cfg = build(RunConfig, tree)
+    check_static(cfg)
+    return cfg
+
+
+def check_static(cfg: RunConfig) -> None:
+    """Checks that need no model or store (the rest is in `check_against_model`)."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(cfg.model.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={cfg.model.dtype!r}: use float32 or bfloat16")
+    need(cfg.store.dtype in ("float32", "bfloat16"), f"store.dtype={cfg.store.dtype!r}: use float32 or bfloat16")
+    for key in ("data.context", "store.tokens", "store.batch_contexts", "mse.batch_size", "mse.tokens",
+                "checkpoint.every_steps", "eval.sequences", "eval.batch_sequences"):
+        sec, name = key.split(".")
+        v = getattr(getattr(cfg, sec), name)
+        need(v > 0, f"{key}={v} must be positive")
+    need(cfg.data.context >= 2, f"data.context={cfg.data.context} must be at least 2")
+    need(cfg.mse.tokens <= cfg.store.tokens * 1000, "mse.tokens is over 1000 epochs of the store: raise store.tokens")
+    need(0.0 <= cfg.mse.decay_fraction <= 1.0, f"mse.decay_fraction={cfg.mse.decay_fraction} must be in [0, 1]")
+    total = cfg.mse.tokens // cfg.mse.batch_size
+    need(total >= 1, f"mse.tokens={cfg.mse.tokens} is less than one batch of mse.batch_size={cfg.mse.batch_size}")
+    decay_start = int(total * (1.0 - cfg.mse.decay_fraction))
+    need(cfg.mse.warmup_steps <= decay_start,
+         f"mse.warmup_steps={cfg.mse.warmup_steps} runs past the decay start (step {decay_start} of {total}): "
+         f"lower mse.warmup_steps or raise mse.tokens")
+    need(cfg.mse.lr > 0, f"mse.lr={cfg.mse.lr} must be positive")
+    sae_config(cfg, d_model=1)  # kind, k <= d_sae, penalties (d_model is checked once the model is known)
+
+
+def sae_config(cfg: RunConfig, d_model: int):
+    """The SAE's own config (jaxsae.sae.SAEConfig) with d_model filled in from the model."""
+    from jaxsae.sae import SAEConfig
+
+    try:
+        return SAEConfig(d_model=d_model, **dataclasses.asdict(cfg.sae)).validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def check_against_model(cfg: RunConfig, n_layers: int, d_model: int) -> None:
+    if not 0 <= cfg.hook.layer < n_layers:
+        raise ConfigError(f"hook.layer={cfg.hook.layer} is out of range for a {n_layers}-layer model: "
+                          f"choose 0..{n_layers - 1}")
+    sae_config(cfg, d_model)
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

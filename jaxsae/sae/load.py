@@ -1,0 +1,62 @@
+"""Restoring a trained SAE alone, for analysis: `jaxsae.load_sae(run_dir_or_checkpoint)`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsae.sae.config import SAEConfig
+
+
+@dataclasses.dataclass
+class LoadedSAE:
+    """An SAE with its activation scale. encode/decode take and give raw (unnormalised) activations."""
+
+    cfg: SAEConfig
+    params: dict
+    scale: float
+    meta: dict
+
+    @property
+    def module(self):
+        from jaxsae.sae import make_sae
+
+        return make_sae(self.cfg)
+
+    def encode(self, x) -> jnp.ndarray:
+        """x: f32[..., d_model] raw activations -> f32[..., d_sae]."""
+        return self.module.apply({"params": self.params}, jnp.asarray(x) / self.scale, method="encode")
+
+    def decode(self, f) -> jnp.ndarray:
+        """f32[..., d_sae] -> f32[..., d_model] in the raw activation scale."""
+        return self.module.apply({"params": self.params}, jnp.asarray(f), method="decode") * self.scale
+
+
+def _checkpoint_dir(path: Path):
+    """Accepts a run dir, a phase dir (checkpoints/mse) or a step dir (checkpoints/mse/500)."""
+    from jaxsae.checkpoint import Checkpointer
+
+    if (path / "checkpoints").is_dir():
+        for phase in ("finetune", "mse"):
+            d = path / "checkpoints" / phase
+            if d.is_dir() and Checkpointer(d).latest_step() is not None:
+                return d, None
+        raise FileNotFoundError(f"{path}/checkpoints holds no finished checkpoint")
+    if path.name.isdigit() and (path / "state").exists():
+        return path.parent, int(path.name)
+    if path.is_dir():
+        return path, None
+    raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint directory")
+
+
+def load_sae(path: str | Path) -> LoadedSAE:
+    from jaxsae.checkpoint import Checkpointer
+
+    d, step = _checkpoint_dir(Path(path))
+    state, meta = Checkpointer(d).restore_raw(step)
+    cfg = SAEConfig(**meta["sae"])
+    params = {k: jnp.asarray(np.asarray(v)) for k, v in state["params"].items()}
+    return LoadedSAE(cfg, params, float(meta["scale"]), meta)

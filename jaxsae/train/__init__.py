@@ -1,0 +1,1 @@
+"""Training: the MSE phase over the activation store (and, later, the KL+MSE fine-tune)."""

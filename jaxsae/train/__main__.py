@@ -1,0 +1,42 @@
+"""`python -m jaxsae.train --config configs/NAME.yaml [--set key.path=value ...] [--run-dir DIR]`.
+
+Parses and checks the config, initialises distributed JAX when the environment asks for it, logs the
+device layout and hands over to `jaxsae.train.run`. User errors end with one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxsae.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="YAML file (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="override one config value; repeatable")
+    ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>")
+    a = ap.parse_args(argv)
+
+    from jaxsae.config import ConfigError, load_config
+    from jaxsae.data.store import StoreError
+    from jaxsae.models.hf import CheckpointError
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+        run_dir = a.run_dir or Path("runs") / cfg.name
+        import jax
+
+        print(f"jaxsae: {jax.process_count()} process(es), devices {jax.devices()}", file=sys.stderr)
+        from jaxsae.train.run import run
+
+        run(cfg, run_dir)
+    except (ConfigError, StoreError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""A whole run: check everything, collect the store, train the MSE phase, evaluate.
+
+Every check that can fail on user input (config keys and values, the hook layer against the model,
+an existing store built from another model or layer) runs before a single weight is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxsae import config as C
+from jaxsae.checkpoint import Checkpointer
+from jaxsae.train.loop import MetricsLog, PhaseLoop, eval_sequences, resolve_model_path, write_eval
+
+
+@dataclasses.dataclass
+class Context:
+    """What the phases share once the checks have passed."""
+
+    cfg: C.RunConfig
+    run_dir: Path
+    model_path: str
+    store_path: str
+    sae_cfg: object
+    log: MetricsLog
+    lm: object = None
+    store: object = None
+
+
+def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
+    """All checks that need no compute: the model's config.json, the store's metadata."""
+    from jaxsae.data.store import read_meta
+    from jaxsae.models import read_config
+    from jaxsae.models.hf import resolve
+
+    model_path = resolve_model_path(cfg.model.path)
+    mcfg = read_config(resolve(model_path), cfg.model.dtype)
+    C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    store_path = cfg.store.path or str(run_dir / "store")
+    meta = read_meta(store_path) if (cfg.store.path or (run_dir / "store").exists()) else None
+    if meta is not None:
+        d, layer = meta.get("model", {}).get("d_model"), meta.get("layer")
+        if d != mcfg.d_model:
+            raise C.ConfigError(f"store.path={store_path} holds d_model={d} activations but the model has "
+                                f"d_model={mcfg.d_model}: point store.path at a store of this model or a new path")
+        if layer != cfg.hook.layer:
+            raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
+                                f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(C.dump(cfg))
+    return Context(cfg, run_dir, model_path, store_path, C.sae_config(cfg, mcfg.d_model),
+                   MetricsLog(run_dir / "metrics.jsonl"))
+
+
+def collect_store(ctx: Context) -> None:
+    from jaxsae.data.store import collect
+    from jaxsae.data.text import make_source
+
+    cfg = ctx.cfg
+    t0 = time.time()
+    info = collect(ctx.lm, cfg.hook.layer, make_source(cfg.data.source), ctx.lm.tokenizer, ctx.store_path,
+                   n_tokens=cfg.store.tokens, context=cfg.data.context, batch_contexts=cfg.store.batch_contexts,
+                   dtype=cfg.store.dtype, bos_id="auto" if cfg.data.prepend_bos else None,
+                   drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens)
+    ctx.store = info.open()
+    ctx.log.write({"phase": "collect", "step": 0, "tokens": ctx.store.n_tokens,
+                   "seconds": round(time.time() - t0, 1), "scale": ctx.store.scale})
+
+
+def mse_phase(ctx: Context) -> dict:
+    """Trains the SAE on shuffled store rows; resumes from the phase's last checkpoint."""
+    from jaxsae.data.reader import ShuffledReader
+    from jaxsae.sae import init_sae, make_sae
+    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+
+    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
+    total = cfg.mse.tokens // cfg.mse.batch_size
+    tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
+    module = make_sae(sae_cfg)
+    ckpt = Checkpointer(ctx.run_dir / "checkpoints" / "mse", keep=cfg.checkpoint.keep)
+    key = jax.random.PRNGKey(cfg.mse.seed)
+    start = ckpt.latest_step() or 0
+    if start:
+        abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
+        state, _ = ckpt.restore(abstract, start)
+        ctx.log.rewind("mse", start)
+    else:
+        # b_dec starts at the geometric median of a first sample of (normalised) activations
+        sample = ctx.store.read(0, min(ctx.store.n_tokens, 4096), normalize=True)
+        state = init_state(init_sae(sae_cfg, key, sample), tx, sae_cfg, cfg.mse.seed)
+    meta = {"phase": "mse", "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
+            "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
+    if start >= total:
+        ckpt.close()
+        return state
+    step_fn = make_mse_step(module, sae_cfg, tx, schedule)
+    reader = ShuffledReader(ctx.store, cfg.mse.batch_size, seed=cfg.mse.seed, start_step=start)
+    loop = PhaseLoop("mse", total, cfg.mse.batch_size, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
+    try:
+        for step in range(start + 1, total + 1):
+            state, metrics = step_fn(state, next(reader))
+            loop.after_step(step, metrics, state, {**meta, "reader": {"seed": cfg.mse.seed, "step": step}})
+        loop.finish()
+    finally:
+        reader.close()
+        ckpt.close()
+    return state
+
+
+def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int) -> dict:
+    from jaxsae.evaluate import evaluate
+    from jaxsae.sae import make_sae
+
+    cfg = ctx.cfg
+    seqs = eval_sequences(cfg, ctx.lm.tokenizer)
+    m = evaluate(ctx.lm, make_sae(ctx.sae_cfg), params, seqs, cfg.hook.layer, ctx.store.scale,
+                 include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences)
+    m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1))
+    write_eval(ctx.run_dir, phase, m)
+    print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
+          f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
+          f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
+    return m
+
+
+def run(cfg: C.RunConfig, run_dir: Path) -> dict:
+    from jaxsae.models import load_lm
+
+    ctx = prepare(cfg, run_dir)
+    ctx.lm = load_lm(ctx.model_path, cfg.model.dtype)
+    collect_store(ctx)
+    t0 = time.time()
+    state = mse_phase(ctx)
+    results = {"mse": evaluate_phase(ctx, "mse", state["params"], time.time() - t0, cfg.mse.tokens)}
+    return results
+
+
+def final_params(run_dir: Path) -> tuple[dict, dict]:
+    """(SAE params, checkpoint meta) of the last finished phase of a run, as numpy arrays."""
+    for phase in ("finetune", "mse"):
+        d = Path(run_dir) / "checkpoints" / phase
+        if d.exists() and Checkpointer(d).latest_step() is not None:
+            state, meta = Checkpointer(d).restore_raw()
+            return {k: np.asarray(v) for k, v in state["params"].items()}, meta
+    raise FileNotFoundError(f"no checkpoints under {run_dir}/checkpoints: run `python -m jaxsae.train` first")

@@ -1,0 +1,65 @@
+"""Config loading: every shipped config parses; bad keys, types and values fail with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jaxsae.config import ConfigError, RunConfig, check_against_model, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_parses(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.name == path.stem or cfg.name
+
+
+def test_defaults_are_the_papers():
+    cfg = RunConfig()
+    assert (cfg.mse.lr, cfg.mse.b1, cfg.mse.b2, cfg.mse.batch_size) == (3e-4, 0.9, 0.999, 2048)
+    assert cfg.mse.decay_fraction == 0.2 and cfg.mse.warmup_steps == 1000
+    assert cfg.sae.auxk_coeff == 1 / 32
+
+
+def test_overrides_and_yaml_scientific_notation(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("mse:\n  lr: 1e-3\nsae:\n  k: 8\n")  # PyYAML reads 1e-3 as a string
+    cfg = load_config(p, ["sae.d_sae=512", "hook.layer=2", "data.source={kind: files, paths: [a.txt]}"])
+    assert cfg.mse.lr == 1e-3 and cfg.sae.k == 8 and cfg.sae.d_sae == 512 and cfg.hook.layer == 2
+    assert cfg.data.source == {"kind": "files", "paths": ["a.txt"]}
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["sae.kk=3"], r"unknown config key sae\.kk: valid keys here are .*k,"),
+    (["bogus=1"], r"unknown config key bogus"),
+    (["sae.k=many"], r"sae\.k='many' must be an integer"),
+    (["data.prepend_bos=3"], r"data\.prepend_bos=3 must be true or false"),
+    (["sae.k=5000"], r"sae\.k=5000 exceeds sae\.d_sae=4096: choose k <= d_sae"),
+    (["sae.kind=topq"], r"sae\.kind='topq' is unknown"),
+    (["mse.batch_size=0"], r"mse\.batch_size=0 must be positive"),
+    (["model.dtype=int8"], r"model\.dtype='int8'"),
+    (["sae=3"], r"sae must be a mapping"),
+    (["mse.lr"], r"must look like key\.path=value"),
+])
+def test_bad_values_name_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_layer_checked_against_model():
+    cfg = load_config(None, ["hook.layer=6"])
+    with pytest.raises(ConfigError, match=r"hook\.layer=6 is out of range for a 6-layer model: choose 0\.\.5"):
+        check_against_model(cfg, n_layers=6, d_model=64)
+    check_against_model(load_config(None, ["hook.layer=5"]), n_layers=6, d_model=64)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")

@@ -1,0 +1,129 @@
+"""`python -m jaxsae.train`: a whole tiny run, resume after a real kill, and errors before compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxsae
+from jaxsae.data.text import StdlibSource
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 3-layer GPT-NeoX with a 512-token BPE trained on a few stdlib files, in HF format."""
+    import itertools
+
+    import torch
+    import transformers as tf
+
+    from jaxsae.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    tok = train_bpe_tokenizer(itertools.islice(iter(StdlibSource("train")), 40), vocab_size=512)
+    save_tokenizer(tok, out)
+    torch.manual_seed(0)
+    model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(out)
+    return out
+
+
+def _args(model: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "jaxsae.train", "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--run-dir", str(run_dir), "--set", f"model.path={model}", "--set", "hook.layer=1",
+            "--set", "data.context=32", "--set", "store.tokens=20000", "--set", "store.batch_contexts=16",
+            "--set", "store.norm_sample_tokens=4096", "--set", "sae.d_sae=128", "--set", "sae.k=8",
+            "--set", "mse.tokens=25600", "--set", "mse.batch_size=256", "--set", "mse.warmup_steps=5",
+            "--set", "checkpoint.every_steps=10", "--set", "eval.sequences=8", "--set", "eval.batch_sequences=4",
+            *extra]
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    r = _run(_args(tiny_model, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_run_dir_has_everything(finished_run):
+    assert (finished_run / "config.yaml").exists()
+    ev = json.loads((finished_run / "eval.json").read_text())["mse"]
+    assert ev["ce_zero"] > ev["ce_clean"] and ev["ce_spliced"] >= ev["ce_clean"] - 1e-3
+    assert 0.0 < ev["fve"] <= 1.0 and abs(ev["l0"] - 8) < 1e-6
+    lines = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    mse = [r for r in lines if r["phase"] == "mse"]
+    assert mse[-1]["step"] == 100 and mse[-1]["tokens"] == 25600
+    for key in ("train/loss", "train/mse", "train/l0", "train/lr", "perf/tokens_per_s"):
+        assert key in mse[-1]
+    assert mse[-1]["train/mse"] < mse[0]["train/mse"]  # it learned
+
+
+def test_load_sae_restores_for_analysis(finished_run):
+    sae = jaxsae.load_sae(finished_run)
+    assert sae.cfg.kind == "topk" and sae.cfg.d_sae == 128 and sae.cfg.d_model == 32
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * sae.scale
+    f = sae.encode(x)
+    assert f.shape == (5, 128) and int((np.asarray(f) > 0).sum(-1).max()) <= 8
+    assert sae.decode(f).shape == (5, 32)
+    step_dir = finished_run / "checkpoints" / "mse" / "100"
+    np.testing.assert_array_equal(jaxsae.load_sae(step_dir).params["W_dec"], sae.params["W_dec"])
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_path):
+    """Kill the run (SIGKILL) mid-MSE-phase, start the same command again: identical final params."""
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "JAXSAE_STEP_DELAY": "0.05"}  # slow steps down so the kill lands mid-phase
+    p = subprocess.Popen(_args(tiny_model, run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "checkpoints" / "mse"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(d.name.isdigit() and int(d.name) >= 30
+                                                                 for d in ckpts.iterdir())):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
+    assert steps and steps[-1] < 100, steps  # it really was interrupted
+    r = _run(_args(tiny_model, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = jaxsae.load_sae(finished_run), jaxsae.load_sae(run_dir)
+    for k in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=k)
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["phase"] == "mse"]
+    assert steps_logged == sorted(set(steps_logged))  # no duplicated lines after the resume
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--set", "hook.layer=7"], "hook.layer=7 is out of range for a 3-layer model: choose 0..2"),
+    (["--set", "sae.kay=3"], "unknown config key sae.kay"),
+    (["--set", "sae.k=500"], "sae.k=500 exceeds sae.d_sae=128"),
+])
+def test_bad_config_fails_before_compute(tiny_model, tmp_path, extra, match):
+    r = _run(_args(tiny_model, tmp_path / "bad", *extra))
+    assert r.returncode == 2
+    assert match in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "bad" / "store").exists()
+
+
+def test_store_of_another_layer_is_refused(tiny_model, finished_run, tmp_path):
+    r = _run(_args(tiny_model, tmp_path / "other", "--set", f"store.path={finished_run / 'store'}",
+                   "--set", "hook.layer=2"))
+    assert r.returncode == 2 and "collected at layer 1, not hook.layer=2" in r.stderr
