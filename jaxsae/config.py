@@ -46,7 +46,7 @@ class DataCfg:
 class StoreCfg:
     path: str = ""  # tensorstore kvstore path or URL; "" -> <run_dir>/store
     dtype: str = "float32"
-    tokens: int = 2_000_000
+    tokens: int = 500_000_000  # rows collected; the MSE phase reads them once (1 epoch) by default
     batch_contexts: int = 32
     norm_sample_tokens: int = 65_536
 
@@ -69,7 +69,7 @@ class SAECfg:
 
 @dataclasses.dataclass(frozen=True)
 class MSECfg:
-    tokens: int = 1_000_000  # total activation rows the MSE phase trains on
+    tokens: int = 500_000_000  # activation rows the MSE phase trains on (paper: ~500M)
     batch_size: int = 2048  # tokens per step
     lr: float = 3e-4
     b1: float = 0.9
@@ -77,6 +77,33 @@ class MSECfg:
     warmup_steps: int = 1000
     decay_fraction: float = 0.2  # linear decay to 0 over the last 20% of steps (paper)
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneCfg:
+    """The KL+MSE fine-tune window (paper: the last ~25M tokens, lr 5e-5 -> 0, AdamW wd 0.01, clip 1)."""
+
+    tokens: int = 25_000_000
+    batch_sequences: int = 8  # paper: 8 sequences of 1024 for Pythia, 2 for Gemma
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    kl_share: float = 0.5  # loss = (1 - s) MSE + s beta KL; s = 1/2 is the paper's
+    l1_controller: bool | None = None  # hold L0 by nudging the L1 coefficient; None = on for ReLU SAEs
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class E2ECfg:
+    """The full end-to-end baseline: the fine-tune's step from a fresh SAE for the whole budget."""
+
+    tokens: int = 0  # 0 = mse.tokens + finetune.tokens, so the comparison is at equal tokens
+    batch_sequences: int = 8
+    lr: float = 5e-5  # constant, as in the paper's baseline
+    seed: int = 0
+
+
+PHASES = ("mse", "finetune", "e2e")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +121,15 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
+    phases: tuple = ("mse", "finetune")  # any of mse, finetune (needs mse), e2e
     model: ModelCfg = ModelCfg()
     hook: HookCfg = HookCfg()
     data: DataCfg = DataCfg()
     store: StoreCfg = StoreCfg()
     sae: SAECfg = SAECfg()
     mse: MSECfg = MSECfg()
+    finetune: FinetuneCfg = FinetuneCfg()
+    e2e: E2ECfg = E2ECfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     eval: EvalCfg = EvalCfg()
 
@@ -152,6 +182,10 @@ def _coerce(key: str, value: Any, typ) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}={value!r} must be a string")
+    if typ is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{key}={value!r} must be a list")
     if typ is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -239,6 +273,21 @@ def check_static(cfg: RunConfig) -> None:
     need(cfg.mse.warmup_steps <= decay_start,
          f"mse.warmup_steps={cfg.mse.warmup_steps} runs past the decay start (step {decay_start} of {total}): "
          f"lower mse.warmup_steps or raise mse.tokens")
+    bad = [p for p in cfg.phases if p not in PHASES]
+    need(not bad, f"phases: {bad[0] if bad else ''!r} is not a phase; choose from {', '.join(PHASES)}")
+    need(bool(cfg.phases), "phases is empty: list at least one of mse, finetune, e2e")
+    need("finetune" not in cfg.phases or "mse" in cfg.phases,
+         "phases: finetune continues from the mse phase; list mse before it")
+    for sec in ("finetune", "e2e"):
+        c = getattr(cfg, sec)
+        need(c.batch_sequences > 0, f"{sec}.batch_sequences={c.batch_sequences} must be positive")
+        need(c.lr > 0, f"{sec}.lr={c.lr} must be positive")
+        need(c.tokens >= 0, f"{sec}.tokens={c.tokens} must be >= 0")
+    need(0.0 <= cfg.finetune.kl_share <= 1.0, f"finetune.kl_share={cfg.finetune.kl_share} must be in [0, 1]")
+    if "finetune" in cfg.phases:
+        per = cfg.finetune.batch_sequences * cfg.data.context
+        need(cfg.finetune.tokens >= per, f"finetune.tokens={cfg.finetune.tokens} is less than one batch "
+             f"({cfg.finetune.batch_sequences} x {cfg.data.context} tokens): raise it or drop the finetune phase")
     need(cfg.mse.lr > 0, f"mse.lr={cfg.mse.lr} must be positive")
     sae_config(cfg, d_model=1)  # kind, k <= d_sae, penalties (d_model is checked once the model is known)
 
@@ -260,5 +309,11 @@ def check_against_model(cfg: RunConfig, n_layers: int, d_model: int) -> None:
     sae_config(cfg, d_model)
 
 
+def e2e_tokens(cfg: RunConfig) -> int:
+    return cfg.e2e.tokens or (cfg.mse.tokens + cfg.finetune.tokens)
+
+
 def dump(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    d = cfg.to_dict()
+    d["phases"] = list(d["phases"])
+    return yaml.safe_dump(d, sort_keys=False)

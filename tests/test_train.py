@@ -46,6 +46,7 @@ def _args(model: Path, run_dir: Path, *extra: str) -> list[str]:
             "--set", "data.context=32", "--set", "store.tokens=20000", "--set", "store.batch_contexts=16",
             "--set", "store.norm_sample_tokens=4096", "--set", "sae.d_sae=128", "--set", "sae.k=8",
             "--set", "mse.tokens=25600", "--set", "mse.batch_size=256", "--set", "mse.warmup_steps=5",
+            "--set", "finetune.tokens=3072", "--set", "finetune.batch_sequences=4",
             "--set", "checkpoint.every_steps=10", "--set", "eval.sequences=8", "--set", "eval.batch_sequences=4",
             *extra]
 
@@ -64,15 +65,21 @@ def finished_run(tiny_model, tmp_path_factory) -> Path:
 
 def test_run_dir_has_everything(finished_run):
     assert (finished_run / "config.yaml").exists()
-    ev = json.loads((finished_run / "eval.json").read_text())["mse"]
-    assert ev["ce_zero"] > ev["ce_clean"] and ev["ce_spliced"] >= ev["ce_clean"] - 1e-3
-    assert 0.0 < ev["fve"] <= 1.0 and abs(ev["l0"] - 8) < 1e-6
+    evals = json.loads((finished_run / "eval.json").read_text())
+    assert list(evals) == ["mse", "finetune"]
+    for ev in evals.values():
+        assert ev["ce_zero"] > ev["ce_clean"] and ev["ce_spliced"] >= ev["ce_clean"] - 1e-3
+        assert 0.0 < ev["fve"] <= 1.0 and abs(ev["l0"] - 8) < 1e-6
+    assert (finished_run / "report.md").read_text().count("| mse |") == 1
+    assert (finished_run / "report.png").stat().st_size > 10_000
     lines = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     mse = [r for r in lines if r["phase"] == "mse"]
     assert mse[-1]["step"] == 100 and mse[-1]["tokens"] == 25600
     for key in ("train/loss", "train/mse", "train/l0", "train/lr", "perf/tokens_per_s"):
         assert key in mse[-1]
     assert mse[-1]["train/mse"] < mse[0]["train/mse"]  # it learned
+    ft = [r for r in lines if r["phase"] == "finetune"]
+    assert ft[-1]["step"] == 24 and "train/kl" in ft[-1] and "train/beta" in ft[-1]
 
 
 def test_load_sae_restores_for_analysis(finished_run):
@@ -82,8 +89,11 @@ def test_load_sae_restores_for_analysis(finished_run):
     f = sae.encode(x)
     assert f.shape == (5, 128) and int((np.asarray(f) > 0).sum(-1).max()) <= 8
     assert sae.decode(f).shape == (5, 32)
-    step_dir = finished_run / "checkpoints" / "mse" / "100"
+    assert sae.meta["phase"] == "finetune"  # the run directory gives the last phase's SAE
+    step_dir = finished_run / "checkpoints" / "finetune" / "24"
     np.testing.assert_array_equal(jaxsae.load_sae(step_dir).params["W_dec"], sae.params["W_dec"])
+    mse_sae = jaxsae.load_sae(finished_run / "checkpoints" / "mse")
+    assert mse_sae.meta["phase"] == "mse" and not np.array_equal(mse_sae.params["W_dec"], sae.params["W_dec"])
 
 
 def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_path):

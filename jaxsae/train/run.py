@@ -128,15 +128,101 @@ def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int
     return m
 
 
+def window_sequences(ctx: Context, n_seqs: int, skip: int, seed: int, what: str) -> np.ndarray:
+    """int32[n_seqs, context]: contexts of the training source after the first `skip`, shuffled at the
+    sequence level with `seed` (the whole window is materialised, so batch s is a pure function of s)."""
+    from jaxsae.data.text import iter_contexts, make_source
+
+    cfg = ctx.cfg
+    bos = "auto" if cfg.data.prepend_bos else None
+    rows = []
+    for row in iter_contexts(make_source(cfg.data.source), ctx.lm.tokenizer, cfg.data.context, bos_id=bos,
+                             skip_contexts=skip):
+        rows.append(row)
+        if len(rows) == n_seqs:
+            break
+    if len(rows) < n_seqs:
+        raise C.ConfigError(f"data.source has only {len(rows)} contexts left after the {skip} the store used; "
+                            f"{what} needs {n_seqs}: lower {what} or use a larger source")
+    seqs = np.stack(rows).astype(np.int32)
+    return seqs[np.random.default_rng(seed).permutation(len(seqs))]
+
+
+def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_target: float = 0.0) -> dict:
+    """The KL+MSE step over token sequences: `finetune` continues the MSE SAE over a short window with
+    lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline)."""
+    from jaxsae.sae import init_sae, make_sae
+    from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
+
+    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
+    pc = cfg.finetune if phase == "finetune" else cfg.e2e
+    tokens = pc.tokens if phase == "finetune" else C.e2e_tokens(cfg)
+    per_step = pc.batch_sequences * cfg.data.context
+    total = tokens // per_step
+    skip = ctx.store.meta["contexts_consumed"] if phase == "finetune" else 0
+    seqs = window_sequences(ctx, total * pc.batch_sequences, skip, pc.seed, f"{phase}.tokens")
+    tx, schedule = finetune_optimizer(pc.lr, total, sae_cfg, weight_decay=cfg.finetune.weight_decay,
+                                      clip=cfg.finetune.clip, schedule="linear" if phase == "finetune" else "constant")
+    controller = cfg.finetune.l1_controller
+    controller = (sae_cfg.kind == "relu") if controller is None else controller
+    key = jax.random.PRNGKey(pc.seed)
+    if phase == "e2e":
+        # the paper's fresh init: unit-norm decoder, encoder = decoder^T, b_dec = 0
+        start_params, start_dead = init_sae(sae_cfg, key), np.zeros(sae_cfg.d_sae, np.int32)
+
+    def fresh():
+        return init_ft_state(start_params, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed)
+
+    ckpt = Checkpointer(ctx.run_dir / "checkpoints" / phase, keep=cfg.checkpoint.keep)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, _ = ckpt.restore(jax.eval_shape(fresh), start)
+        ctx.log.rewind(phase, start)
+    else:
+        state = fresh()
+    meta = {"phase": phase, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
+            "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
+    if start >= total:
+        ckpt.close()
+        return state
+    step_fn = make_finetune_step(ctx.lm, cfg.hook.layer, make_sae(sae_cfg), sae_cfg, tx, schedule,
+                                 scale=ctx.store.scale, include_first=cfg.data.include_first_position,
+                                 kl_share=cfg.finetune.kl_share, l1_controller=controller)
+    loop = PhaseLoop(phase, total, per_step, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
+    try:
+        for step in range(start + 1, total + 1):
+            batch = seqs[(step - 1) * pc.batch_sequences:step * pc.batch_sequences]
+            state, metrics = step_fn(state, ctx.lm.params, batch)
+            loop.after_step(step, metrics, state, meta)
+        loop.finish()
+    finally:
+        ckpt.close()
+    return state
+
+
 def run(cfg: C.RunConfig, run_dir: Path) -> dict:
     from jaxsae.models import load_lm
 
     ctx = prepare(cfg, run_dir)
     ctx.lm = load_lm(ctx.model_path, cfg.model.dtype)
     collect_store(ctx)
-    t0 = time.time()
-    state = mse_phase(ctx)
-    results = {"mse": evaluate_phase(ctx, "mse", state["params"], time.time() - t0, cfg.mse.tokens)}
+    results = {}
+    if "mse" in cfg.phases:
+        t0 = time.time()
+        state = mse_phase(ctx)
+        results["mse"] = evaluate_phase(ctx, "mse", state["params"], time.time() - t0, cfg.mse.tokens)
+        if "finetune" in cfg.phases:
+            t0 = time.time()
+            ft = kl_phase(ctx, "finetune", state["params"], state["dead"], l0_target=results["mse"]["l0"])
+            results["finetune"] = evaluate_phase(ctx, "finetune", ft["params"], time.time() - t0,
+                                                 cfg.finetune.tokens)
+    if "e2e" in cfg.phases:
+        t0 = time.time()
+        e2e = kl_phase(ctx, "e2e")
+        results["e2e"] = evaluate_phase(ctx, "e2e", e2e["params"], time.time() - t0, C.e2e_tokens(cfg))
+    from jaxsae.report import write_report
+
+    write_report(run_dir)
     return results
 
 

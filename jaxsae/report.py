@@ -1,0 +1,110 @@
+"""A run's report: a markdown table of each phase's metrics beside the paper's ranges, and a plot.
+
+    python -m jaxsae.report runs/demo      (also written at the end of every training run)
+
+Writes `report.md` and `report.png` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# The paper's reported effects (PAPER.md "Results to compare against", derived from its figure data).
+PAPER = {
+    "gap_reduction_finetune": "Pythia-160M TopK: 31%; Gemma-2-2B TopK 16k: 47% (k=20), 28% (k=40), 25% (k=80), 3% (k=160)",
+    "gap_reduction_e2e": "Pythia-160M TopK: 28%; Gemma-2-2B TopK 16k: 54% (k=20), 28% (k=40), 15% (k=80), -9% (k=160)",
+    "finetune_share": "0.5-10% of the training tokens",
+}
+
+COLUMNS = [("ce_clean", "CE clean", 4), ("ce_spliced", "CE spliced", 4), ("ce_zero", "CE zero-abl.", 3),
+           ("ce_gap", "CE gap", 4), ("loss_recovered", "loss recovered", 4), ("kl", "KL", 4),
+           ("fve", "FVE", 4), ("l0", "L0", 1), ("dead_fraction", "dead", 3), ("phase_tokens", "tokens", 0),
+           ("phase_seconds", "seconds", 1)]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def gap_closed(ev: dict, phase: str) -> float | None:
+    """Fraction of the MSE SAE's CE gap that `phase` removes."""
+    if "mse" not in ev or phase not in ev or ev["mse"]["ce_gap"] <= 0:
+        return None
+    return 1.0 - ev[phase]["ce_gap"] / ev["mse"]["ce_gap"]
+
+
+def markdown(run_dir: Path) -> str:
+    ev = json.loads((run_dir / "eval.json").read_text())
+    lines = [f"# Report: {run_dir.name}", "", "Held-out evaluation after each phase (CE in nats/token).", "",
+             "| phase | " + " | ".join(c[1] for c in COLUMNS) + " |",
+             "|---|" + "---|" * len(COLUMNS)]
+    for phase, m in ev.items():
+        cells = [f"{m[k]:,.{p}f}" if isinstance(m.get(k), (int, float)) else "" for k, _, p in COLUMNS]
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    lines += ["", "| effect | this run | paper |", "|---|---|---|"]
+    for phase, key in (("finetune", "gap_reduction_finetune"), ("e2e", "gap_reduction_e2e")):
+        g = gap_closed(ev, phase)
+        if g is not None:
+            lines.append(f"| CE gap closed by {phase} (vs the MSE SAE) | {100 * g:.1f}% | {PAPER[key]} |")
+    if "finetune" in ev and "mse" in ev:
+        share = ev["finetune"]["phase_tokens"] / (ev["finetune"]["phase_tokens"] + ev["mse"]["phase_tokens"])
+        lines.append(f"| fine-tune share of the tokens | {100 * share:.1f}% | {PAPER['finetune_share']} |")
+        lines.append(f"| L0 before / after the fine-tune | {ev['mse']['l0']:.1f} / {ev['finetune']['l0']:.1f} | "
+                     "kept (k fixed; ReLU held by the L1 controller) |")
+    lines += ["", "![loss curves and CE gap](report.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = json.loads((run_dir / "eval.json").read_text())
+    rows = _metrics(run_dir)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    offset = {"mse": 0, "finetune": ev.get("mse", {}).get("phase_tokens", 0), "e2e": 0}
+    colors = {"mse": "tab:blue", "finetune": "tab:red", "e2e": "tab:green"}
+    for phase in ("mse", "finetune", "e2e"):
+        pr = [r for r in rows if r["phase"] == phase and "train/mse" in r]
+        if pr:
+            ax1.plot([r["tokens"] + offset[phase] for r in pr], [r["train/mse"] for r in pr],
+                     color=colors[phase], label=phase, lw=1)
+        kr = [r for r in rows if r["phase"] == phase and "train/kl" in r]
+        if kr:
+            ax2.plot([r["tokens"] + offset[phase] for r in kr], [r["train/kl"] for r in kr],
+                     color=colors[phase], label=phase, lw=1)
+    ax1.set(xlabel="tokens", ylabel="MSE (normalised activations)", title="reconstruction loss", yscale="log")
+    ax2.set(xlabel="tokens", ylabel="KL(clean || spliced), nats/token", title="KL during KL+MSE training",
+            yscale="log")
+    for ax in (ax1, ax2):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    phases = list(ev)
+    gaps = [ev[p]["ce_gap"] for p in phases]
+    bars = ax3.bar(phases, gaps, color=[colors.get(p, "gray") for p in phases])
+    for b, p in zip(bars, phases):
+        g = gap_closed(ev, p)
+        label = f"{ev[p]['ce_gap']:.3f}" + (f"\n({100 * g:.0f}% closed)" if g is not None and p != "mse" else "")
+        ax3.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9)
+    ax3.set(ylabel="CE spliced - CE clean (nats)", title="CE gap on held-out text")
+    ax3.margins(y=0.25)
+    fig.suptitle(f"{run_dir.name}: held-out CE clean {next(iter(ev.values()))['ce_clean']:.3f}")
+    fig.tight_layout()
+    fig.savefig(run_dir / "report.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    (run_dir / "report.md").write_text(markdown(run_dir))
+    plot(run_dir)
+    return run_dir / "report.md"
+
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1]).read_text())

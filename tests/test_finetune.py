@@ -1,0 +1,130 @@
+"""The fused KL+MSE step: gradients equal a plain two-forward reference, β keeps the loss at the MSE,
+only the SAE trains, and the ReLU L1 controller moves λ the right way."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxsae.models.gpt_neox import GPTNeoXConfig
+from jaxsae.models.lm import LM, init_params
+from jaxsae.sae import SAEConfig, init_sae, make_sae
+from jaxsae.train.finetune import finetune_optimizer, init_ft_state, kl_mse_loss, make_finetune_step
+
+LAYER, SCALE = 1, 1.7
+
+
+@pytest.fixture(scope="module")
+def lm():
+    cfg = GPTNeoXConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, d_mlp=64, rotary_pct=0.5)
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    # larger weights than the init so the suffix is far from linear
+    params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, params)
+    return LM(cfg, params)
+
+
+def _tokens(seed=0, b=3, t=12):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 97, (b, t)), jnp.int32)
+
+
+def _sae(kind="topk"):
+    cfg = SAEConfig(kind=kind, d_model=32, d_sae=64, k=6, l1_coeff=0.3 if kind == "relu" else 0.0).validate()
+    return cfg, make_sae(cfg), init_sae(cfg, jax.random.PRNGKey(1))
+
+
+def _reference_loss(lm, sae_module, params, tokens, kl_share=0.5):
+    """Written independently of the fused code: the paper's reference runs layers 0..L twice."""
+    x_clean_full = lm.forward(tokens)  # full clean forward
+    p = jax.nn.softmax(x_clean_full, -1)
+    h = lm.blocks(lm.embed(tokens), 0, LAYER + 1)  # second prefix, for the spliced branch
+    x_hat = sae_module.apply({"params": params}, h / SCALE, train=True)[0] * SCALE
+    h_spliced = h.at[:, 1:].set(x_hat[:, 1:])  # position 0 is not spliced or counted
+    logits = lm.unembed(lm.blocks(h_spliced, LAYER + 1, lm.n_layers))
+    logq = jax.nn.log_softmax(logits, -1)
+    kl = jnp.mean(jnp.sum(p * (jnp.log(p) - logq), -1)[:, 1:])
+    mse = jnp.mean(jnp.sum((h / SCALE - x_hat / SCALE) ** 2, -1)[:, 1:])
+    beta = jax.lax.stop_gradient(mse / kl)
+    return (1 - kl_share) * mse + kl_share * beta * kl, (mse, kl)
+
+
+def _fused(lm, sae_cfg, sae_module, params, tokens, kl_share=0.5):
+    return kl_mse_loss(lm, lm.params, LAYER, sae_module, sae_cfg, params, tokens, scale=SCALE, include_first=False,
+                       kl_share=kl_share, dead=jnp.zeros(sae_cfg.d_sae, jnp.int32), l1_coeff=None)
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_fused_gradients_equal_two_forward_reference(lm, kind):
+    sae_cfg, sae_module, params = _sae(kind)
+    tokens = _tokens()
+    ref_grad = jax.grad(lambda p: _reference_loss(lm, sae_module, p, tokens)[0])(params)
+
+    def fused_no_sparsity(p):
+        loss, aux = _fused(lm, sae_cfg, sae_module, p, tokens)
+        return loss - aux["out"].aux_loss  # the reference has no L1 / AuxK term
+
+    got = jax.grad(fused_no_sparsity)(params)
+    for k in params:
+        np.testing.assert_allclose(got[k], ref_grad[k], rtol=2e-4, atol=1e-6 * float(jnp.abs(ref_grad[k]).max()),
+                                   err_msg=k)
+        assert float(jnp.abs(ref_grad[k]).max()) > 0 or k == "b_dec"
+
+
+def test_beta_makes_loss_equal_mse_and_scales_kl_gradient(lm):
+    sae_cfg, sae_module, params = _sae("topk")
+    tokens = _tokens(1)
+    for share in (0.5, 0.25):
+        loss, aux = _fused(lm, sae_cfg, sae_module, params, tokens, kl_share=share)
+        np.testing.assert_allclose(loss - aux["out"].aux_loss, aux["mse"], rtol=1e-5)
+        np.testing.assert_allclose(aux["beta"], aux["mse"] / aux["kl"], rtol=1e-5)
+    loss, aux = _fused(lm, sae_cfg, sae_module, params, tokens)
+    beta = float(aux["beta"])
+    g_total = jax.grad(lambda p: _fused(lm, sae_cfg, sae_module, p, tokens)[0] - 0)(params)
+    g_mse = jax.grad(lambda p: _fused(lm, sae_cfg, sae_module, p, tokens)[1]["mse"])(params)
+    g_kl = jax.grad(lambda p: _fused(lm, sae_cfg, sae_module, p, tokens)[1]["kl"])(params)
+    g_aux = jax.grad(lambda p: _fused(lm, sae_cfg, sae_module, p, tokens)[1]["out"].aux_loss)(params)
+    for k in params:
+        want = 0.5 * g_mse[k] + 0.5 * beta * g_kl[k] + g_aux[k]
+        np.testing.assert_allclose(g_total[k], want, rtol=1e-4, atol=1e-7 * float(jnp.abs(want).max() + 1), err_msg=k)
+    assert beta > 1.0 or beta < 1.0  # a real rescaling, not the identity
+
+
+def test_step_trains_only_the_sae(lm):
+    sae_cfg, sae_module, params = _sae("topk")
+    tx, sched = finetune_optimizer(1e-3, 10, sae_cfg)
+    state = init_ft_state(params, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0)
+    lm_before = jax.tree.map(np.asarray, lm.params)
+    step = make_finetune_step(lm, LAYER, sae_module, sae_cfg, tx, sched, scale=SCALE, include_first=False)
+    w_dec_before = np.asarray(state["params"]["W_dec"])
+    for i in range(3):
+        state, m = step(state, lm.params, _tokens(i))
+    # LM untouched; optimizer state only holds SAE-shaped moments
+    jax.tree.map(np.testing.assert_array_equal, lm_before, jax.tree.map(np.asarray, lm.params))
+    sae_sizes = sorted(int(np.size(v)) for v in params.values())
+    opt_sizes = {int(np.size(v)) for v in jax.tree.leaves(state["opt_state"]) if np.size(v) > 1}
+    assert opt_sizes <= set(sae_sizes)
+    assert not np.allclose(np.asarray(state["params"]["W_dec"]), w_dec_before)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state["params"]["W_dec"]), axis=1), 1.0, rtol=1e-5)
+    assert float(m["train/l0"]) == 6.0 and np.isfinite(float(m["train/kl"]))
+    np.testing.assert_allclose(float(m["train/loss"]) - float(m["train/auxk"]), float(m["train/mse"]), rtol=1e-5)
+
+
+def test_linear_decay_to_zero_without_warmup():
+    sae_cfg, _, _ = _sae("topk")
+    _, sched = finetune_optimizer(5e-5, 100, sae_cfg)
+    assert float(sched(0)) == pytest.approx(5e-5) and float(sched(50)) == pytest.approx(2.5e-5)
+    assert float(sched(100)) == 0.0
+
+
+def test_relu_l1_controller_holds_l0(lm):
+    sae_cfg, sae_module, params = _sae("relu")
+    tx, sched = finetune_optimizer(1e-4, 10, sae_cfg)
+    step = make_finetune_step(lm, LAYER, sae_module, sae_cfg, tx, sched, scale=SCALE, include_first=False,
+                              l1_controller=True)
+    for target, direction in ((0.0, 1.001), (1e9, 0.999)):  # L0 above target -> raise λ; below -> lower it
+        state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(64, np.int32), 0.3, target, 0)
+        state, m = step(state, lm.params, _tokens(4))
+        assert float(state["l1"]) == pytest.approx(0.3 * direction, rel=1e-6)
+        assert float(m["train/l1_coeff"]) == pytest.approx(0.3)
