@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         from jaxsae.models import load_lm
 
         lm = load_lm(SHIPPED)
-        val = token_array(StdlibSource("val"), lm.tokenizer, 256)
+        val = token_array(StdlibSource("val"), lm.tokenizer, lm.config.max_position_embeddings)
         print(f"{SHIPPED.name}: {lm.n_layers} layers, d_model {lm.d_model}; held-out CE "
               f"{evaluate(lm, lm.params, val):.3f} nats/token over {val.size:,} tokens")
         return

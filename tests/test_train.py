@@ -137,3 +137,13 @@ def test_store_of_another_layer_is_refused(tiny_model, finished_run, tmp_path):
     r = _run(_args(tiny_model, tmp_path / "other", "--set", f"store.path={finished_run / 'store'}",
                    "--set", "hook.layer=2"))
     assert r.returncode == 2 and "collected at layer 1, not hook.layer=2" in r.stderr
+
+
+def test_eval_cli_on_a_checkpoint(finished_run):
+    r = _run([sys.executable, "-m", "jaxsae.eval", str(finished_run / "checkpoints" / "mse")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    want = json.loads((finished_run / "eval.json").read_text())["mse"]
+    assert got["phase"] == "mse"
+    for k in ("ce_clean", "ce_spliced", "ce_zero", "kl", "fve", "l0"):
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k

@@ -1,0 +1,38 @@
+"""The shipped pythia-stdlib: transformers loads it unchanged, and jaxsae's port agrees with it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+import transformers as tf
+
+from jaxsae.data.text import StdlibSource, iter_contexts
+from jaxsae.demo_lm import SHIPPED
+from jaxsae.models import load_lm
+
+
+def test_transformers_loads_it_and_port_matches():
+    model = tf.GPTNeoXForCausalLM.from_pretrained(SHIPPED).eval()
+    tok = tf.AutoTokenizer.from_pretrained(SHIPPED)
+    assert tok.eos_token_id == 0 and len(tok) == 4096
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    docs = iter(StdlibSource("val"))
+    tokens = np.stack([next(iter_contexts(docs, tok, 128, bos_id=None)) for _ in range(2)])
+    with torch.no_grad():
+        out = model(torch.from_numpy(tokens).long(), output_hidden_states=True)
+    lm = load_lm(SHIPPED)
+    ref = out.logits.numpy()
+    assert np.abs(np.asarray(lm.logits(tokens)) - ref).max() / np.abs(ref).max() < 1e-5
+    h = out.hidden_states[2].numpy()
+    assert np.abs(np.asarray(lm.residual(tokens, 1)) - h).max() / np.abs(h).max() < 1e-5
+
+
+def test_model_card_records_a_trained_model():
+    stats = json.loads((SHIPPED / "training_stats.json").read_text())
+    assert stats["val_ce_nats"] <= 3.0  # the target; uniform over 4096 tokens is 8.3
+    assert stats["tokens_seen"] > 1_000_000
+    card = (SHIPPED / "README.md").read_text()
+    assert str(stats["val_ce_nats"]) in card and "held-out" in card
