@@ -19,8 +19,8 @@ def test_transformers_loads_it_and_port_matches():
     assert tok.eos_token_id == 0 and len(tok) == 4096
     text = "def add(a, b):\n    return a + b\n"
     assert tok.decode(tok(text)["input_ids"]) == text
-    docs = iter(StdlibSource("val"))
-    tokens = np.stack([next(iter_contexts(docs, tok, 128, bos_id=None)) for _ in range(2)])
+    contexts = iter_contexts(StdlibSource("val"), tok, 128, bos_id=None)
+    tokens = np.stack([next(contexts) for _ in range(2)])
     with torch.no_grad():
         out = model(torch.from_numpy(tokens).long(), output_hidden_states=True)
     lm = load_lm(SHIPPED)
