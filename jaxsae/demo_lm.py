@@ -75,9 +75,9 @@ def evaluate(lm: LM, params, data: np.ndarray, batch: int = 32) -> float:
 
 def train(r: Recipe, out: Path) -> dict:
     t0 = time.time()
-    tok = train_bpe_tokenizer(StdlibSource("train"), vocab_size=r.vocab_size)
-    train_data = token_array(StdlibSource("train"), tok, r.context)
-    val_data = token_array(StdlibSource("val"), tok, r.context)
+    tok = train_bpe_tokenizer(StdlibSource("train", shuffle_seed=None), vocab_size=r.vocab_size)
+    train_data = token_array(StdlibSource("train", shuffle_seed=None), tok, r.context)
+    val_data = token_array(StdlibSource("val", shuffle_seed=None), tok, r.context)
     print(f"tokenizer + data: {time.time() - t0:.1f}s, train {train_data.size:,} tokens, val {val_data.size:,}",
           file=sys.stderr)
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         from jaxsae.models import load_lm
 
         lm = load_lm(SHIPPED)
-        val = token_array(StdlibSource("val"), lm.tokenizer, lm.config.max_position_embeddings)
+        val = token_array(StdlibSource("val", shuffle_seed=None), lm.tokenizer, lm.config.max_position_embeddings)
         print(f"{SHIPPED.name}: {lm.n_layers} layers, d_model {lm.d_model}; held-out CE "
               f"{evaluate(lm, lm.params, val):.3f} nats/token over {val.size:,} tokens")
         return

@@ -104,17 +104,33 @@ class TextSource(Protocol):
 
 @dataclass(frozen=True)
 class StdlibSource:
-    """The running interpreter's stdlib ``*.py`` files, one document per file."""
+    """The running interpreter's stdlib ``*.py`` files, one document per file.
+
+    ``shuffle_seed``: files come in a fixed pseudo-random order (a hash of seed and path) rather than
+    sorted by path, because sorted order puts whole packages together: any contiguous window of the
+    stream (the store's tokens, then the fine-tune's) would be a narrow slice (all of ``email/``, say)
+    instead of a sample of the corpus. ``None`` keeps the sorted order.
+    """
 
     split: Split = "train"
     include_tests: bool = True
+    shuffle_seed: int | None = 0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
     def files(self) -> list[pathlib.Path]:
-        return stdlib_files(self.split, self.include_tests)
+        files = stdlib_files(self.split, self.include_tests)
+        if self.shuffle_seed is None:
+            return files
+        root = stdlib_root()
+
+        def key(p: pathlib.Path) -> bytes:
+            rel = f"{self.shuffle_seed}:{p.relative_to(root).as_posix()}".encode()
+            return hashlib.blake2b(rel, digest_size=8).digest()
+
+        return sorted(files, key=key)
 
     def __iter__(self) -> Iterator[str]:
         return (read_text(p) for p in self.files())
@@ -123,6 +139,7 @@ class StdlibSource:
         files, root = self.files(), stdlib_root()
         fp, n_bytes = _fingerprint(files, root)
         return {"kind": "stdlib", "split": self.split, "include_tests": self.include_tests,
+                "shuffle_seed": self.shuffle_seed,
                 "python": platform.python_version(), "root": str(root),
                 "n_files": len(files), "n_bytes": n_bytes, "fingerprint": fp}
 
