@@ -14,30 +14,16 @@ import numpy as np
 import pytest
 
 import jaxsae
-from jaxsae.data.text import StdlibSource
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """A random 3-layer GPT-NeoX with a 512-token BPE trained on a few stdlib files, in HF format."""
-    import itertools
+def tiny_model() -> Path:
+    """The shipped 4-layer pythia-stdlib: small, and trained, so zero-ablation really hurts."""
+    from jaxsae.demo_lm import SHIPPED
 
-    import torch
-    import transformers as tf
-
-    from jaxsae.data.tokenizer import save_tokenizer, train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny_model")
-    tok = train_bpe_tokenizer(itertools.islice(iter(StdlibSource("train")), 40), vocab_size=512)
-    save_tokenizer(tok, out)
-    torch.manual_seed(0)
-    model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-        vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        bos_token_id=0, eos_token_id=0))
-    model.save_pretrained(out)
-    return out
+    return SHIPPED
 
 
 def _args(model: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -84,11 +70,11 @@ def test_run_dir_has_everything(finished_run):
 
 def test_load_sae_restores_for_analysis(finished_run):
     sae = jaxsae.load_sae(finished_run)
-    assert sae.cfg.kind == "topk" and sae.cfg.d_sae == 128 and sae.cfg.d_model == 32
-    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * sae.scale
+    assert sae.cfg.kind == "topk" and sae.cfg.d_sae == 128 and sae.cfg.d_model == 128
+    x = np.random.default_rng(0).normal(size=(5, 128)).astype(np.float32) * sae.scale
     f = sae.encode(x)
     assert f.shape == (5, 128) and int((np.asarray(f) > 0).sum(-1).max()) <= 8
-    assert sae.decode(f).shape == (5, 32)
+    assert sae.decode(f).shape == (5, 128)
     assert sae.meta["phase"] == "finetune"  # the run directory gives the last phase's SAE
     step_dir = finished_run / "checkpoints" / "finetune" / "24"
     np.testing.assert_array_equal(jaxsae.load_sae(step_dir).params["W_dec"], sae.params["W_dec"])
@@ -122,7 +108,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_p
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--set", "hook.layer=7"], "hook.layer=7 is out of range for a 3-layer model: choose 0..2"),
+    (["--set", "hook.layer=7"], "hook.layer=7 is out of range for a 4-layer model: choose 0..3"),
     (["--set", "sae.kay=3"], "unknown config key sae.kay"),
     (["--set", "sae.k=500"], "sae.k=500 exceeds sae.d_sae=128"),
 ])
