@@ -103,15 +103,19 @@ def auxk_loss(
     Returns:
       sum ||e - e_hat||^2 / sum ||e||^2, or exactly 0 when nothing is dead.
     """
-    # Live latents get the most negative float so top_k never prefers them;
-    # if fewer than k_aux latents are dead the extra picks relu to 0.
-    masked = jnp.where(dead[None, :], pre, jnp.finfo(pre.dtype).min)
-    vals, idx = jax.lax.top_k(masked, k_aux)
-    f_aux = scatter_rows(pre.shape, idx, jax.nn.relu(vals))
-    e_hat = f_aux @ W_dec.astype(f_aux.dtype)
-    num = jnp.sum((residual - e_hat) ** 2)
-    den = jnp.maximum(jnp.sum(residual**2), jnp.finfo(jnp.float32).tiny)
-    return jnp.where(jnp.any(dead), num / den, 0.0)
+    def compute(_):
+        # Live latents get the most negative float so top_k never prefers them;
+        # if fewer than k_aux latents are dead the extra picks relu to 0.
+        masked = jnp.where(dead[None, :], pre, jnp.finfo(pre.dtype).min)
+        vals, idx = jax.lax.top_k(masked, k_aux)
+        f_aux = scatter_rows(pre.shape, idx, jax.nn.relu(vals))
+        e_hat = f_aux @ W_dec.astype(f_aux.dtype)
+        num = jnp.sum((residual - e_hat) ** 2)
+        den = jnp.maximum(jnp.sum(residual**2), jnp.finfo(jnp.float32).tiny)
+        return (num / den).astype(jnp.float32)
+
+    # Most steps have no dead latent: skip the second top-k and the extra decoder matmul entirely.
+    return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), None)
 
 
 def update_dead_counter(tokens_since_fired: jax.Array, fired: jax.Array, n_tokens) -> jax.Array:
