@@ -133,3 +133,13 @@ def test_eval_cli_on_a_checkpoint(finished_run):
     assert got["phase"] == "mse"
     for k in ("ce_clean", "ce_spliced", "ce_zero", "kl", "fve", "l0"):
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
+
+
+def test_checkpoint_of_another_sae_is_refused(tiny_model, finished_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(finished_run, run_dir)
+    r = _run(_args(tiny_model, run_dir, "--set", "sae.d_sae=256"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "holds a mse checkpoint of an SAE with d_sae=128, but the config says sae.d_sae=256" in r.stderr

@@ -57,6 +57,20 @@ def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
                    MetricsLog(run_dir / "metrics.jsonl"))
 
 
+def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
+    """A run directory whose checkpoints hold another SAE (the config changed) fails clearly, not in Orbax."""
+    if ckpt.latest_step() is None:
+        return
+    saved = ckpt.restore_meta().get("sae", {})
+    want = dataclasses.asdict(ctx.sae_cfg)
+    diff = [k for k in want if saved.get(k) != want[k]]
+    if diff:
+        k = diff[0]
+        raise C.ConfigError(
+            f"{ckpt.directory} holds a {phase} checkpoint of an SAE with {k}={saved.get(k)!r}, but the config says "
+            f"sae.{k}={want[k]!r}: use a new --run-dir, or set sae.{k} back to resume")
+
+
 def collect_store(ctx: Context) -> None:
     from jaxsae.data.store import collect
     from jaxsae.data.text import make_source
@@ -83,6 +97,7 @@ def mse_phase(ctx: Context) -> dict:
     tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
     module = make_sae(sae_cfg)
     ckpt = Checkpointer(ctx.run_dir / "checkpoints" / "mse", keep=cfg.checkpoint.keep)
+    check_checkpoint(ckpt, ctx, "mse")
     key = jax.random.PRNGKey(cfg.mse.seed)
     start = ckpt.latest_step() or 0
     if start:
@@ -174,6 +189,7 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
         return init_ft_state(start_params, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed)
 
     ckpt = Checkpointer(ctx.run_dir / "checkpoints" / phase, keep=cfg.checkpoint.keep)
+    check_checkpoint(ckpt, ctx, phase)
     start = ckpt.latest_step() or 0
     if start:
         state, _ = ckpt.restore(jax.eval_shape(fresh), start)
