@@ -51,20 +51,23 @@ class StoreCfg:
     norm_sample_tokens: int = 65_536
 
 
-@dataclasses.dataclass(frozen=True)
-class SAECfg:
-    kind: str = "topk"
-    d_sae: int = 4096
-    k: int = 32
-    l1_coeff: float = 0.0
-    l1_warmup_steps: int = 0
-    jumprelu_init_threshold: float = 1e-3
-    jumprelu_bandwidth: float = 1e-3
-    l0_coeff: float = 0.0
-    auxk_coeff: float = 1 / 32
-    k_aux: int | None = None
-    dead_tokens_threshold: int = 10_000_000
-    dtype: str = "float32"
+def _sae_section():
+    """The `sae:` section: jaxsae.sae.SAEConfig's fields (one source of truth for names, types and
+    defaults) minus d_model, which comes from the model; kind and d_sae get run defaults."""
+    from jaxsae.sae.config import SAEConfig
+
+    defaults = {"kind": "topk", "d_sae": 4096}
+    fields = []
+    for f in dataclasses.fields(SAEConfig):
+        if f.name == "d_model":
+            continue
+        fields.append((f.name, f.type, dataclasses.field(default=defaults.get(f.name, f.default))))
+    cls = dataclasses.make_dataclass("SAECfg", fields, frozen=True)
+    cls.__module__ = __name__  # so get_type_hints resolves the string annotations here
+    return cls
+
+
+SAECfg = _sae_section()
 
 
 @dataclasses.dataclass(frozen=True)

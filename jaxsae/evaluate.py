@@ -66,7 +66,6 @@ def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool
         logits = lm.suffix(jnp.concatenate([x, spliced, zero]), layer, params=lm_params)
         clean_l, spliced_l, zero_l = logits[:b], logits[b:2 * b], logits[2 * b:]
         ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
-        n_ce = next_token_ce(clean_l, tokens, mask)[1]
         kl = kl_per_token(clean_l, spliced_l)
         xf, xh = x.astype(jnp.float32), x_hat.astype(jnp.float32)
         mf = mask.astype(jnp.float32)
@@ -74,7 +73,7 @@ def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool
         dot = jnp.sum(xf * xh, -1)
         nx, nh = jnp.linalg.norm(xf, axis=-1), jnp.linalg.norm(xh, axis=-1)
         return dict(
-            ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=n_ce,
+            ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=jnp.sum(mask[:, :-1]),
             kl=jnp.sum(kl * mf), n=jnp.sum(mf),
             sq_err=jnp.sum(jnp.sum((xf - xh) ** 2, -1) * mf),
             x_sum=jnp.sum(xf * m3, axis=(0, 1)), x_sq=jnp.sum(jnp.sum(xf ** 2, -1) * mf),

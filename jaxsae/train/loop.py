@@ -127,17 +127,24 @@ def write_eval(run_dir: Path, phase: str, metrics: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def eval_sequences(cfg: C.RunConfig, tokenizer) -> np.ndarray:
-    """Held-out contexts int32[eval.sequences, context] from data.eval_source."""
+def take_contexts(cfg: C.RunConfig, source: dict, tokenizer, n: int, skip: int, where: str, what: str) -> np.ndarray:
+    """The first `n` packed contexts int32[n, context] of `source` after `skip`; a source too short
+    for them is a ConfigError naming `what` to lower."""
     from jaxsae.data.text import iter_contexts, make_source
 
     bos = "auto" if cfg.data.prepend_bos else None
     rows = []
-    for row in iter_contexts(make_source(cfg.data.eval_source), tokenizer, cfg.data.context, bos_id=bos):
+    for row in iter_contexts(make_source(source), tokenizer, cfg.data.context, bos_id=bos, skip_contexts=skip):
         rows.append(row)
-        if len(rows) == cfg.eval.sequences:
+        if len(rows) == n:
             break
-    if len(rows) < cfg.eval.sequences:
-        raise C.ConfigError(f"data.eval_source holds only {len(rows)} contexts of {cfg.data.context} tokens; "
-                            f"lower eval.sequences to {len(rows)} or use a larger source")
+    if len(rows) < n:
+        raise C.ConfigError(f"{where} holds only {len(rows)} contexts of {cfg.data.context} tokens; {what} needs "
+                            f"{n}: lower {what} or use a larger source")
     return np.stack(rows).astype(np.int32)
+
+
+def eval_sequences(cfg: C.RunConfig, tokenizer) -> np.ndarray:
+    """Held-out contexts int32[eval.sequences, context] from data.eval_source."""
+    return take_contexts(cfg, cfg.data.eval_source, tokenizer, cfg.eval.sequences, 0, "data.eval_source",
+                         "eval.sequences")

@@ -15,7 +15,8 @@ import numpy as np
 
 from jaxsae import config as C
 from jaxsae.checkpoint import Checkpointer
-from jaxsae.train.loop import MetricsLog, PhaseLoop, eval_sequences, resolve_model_path, write_eval
+from jaxsae.train.loop import (MetricsLog, PhaseLoop, eval_sequences, resolve_model_path, take_contexts,
+                               write_eval)
 
 
 @dataclasses.dataclass
@@ -146,20 +147,8 @@ def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int
 def window_sequences(ctx: Context, n_seqs: int, skip: int, seed: int, what: str) -> np.ndarray:
     """int32[n_seqs, context]: contexts of the training source after the first `skip`, shuffled at the
     sequence level with `seed` (the whole window is materialised, so batch s is a pure function of s)."""
-    from jaxsae.data.text import iter_contexts, make_source
-
-    cfg = ctx.cfg
-    bos = "auto" if cfg.data.prepend_bos else None
-    rows = []
-    for row in iter_contexts(make_source(cfg.data.source), ctx.lm.tokenizer, cfg.data.context, bos_id=bos,
-                             skip_contexts=skip):
-        rows.append(row)
-        if len(rows) == n_seqs:
-            break
-    if len(rows) < n_seqs:
-        raise C.ConfigError(f"data.source has only {len(rows)} contexts left after the {skip} the store used; "
-                            f"{what} needs {n_seqs}: lower {what} or use a larger source")
-    seqs = np.stack(rows).astype(np.int32)
+    seqs = take_contexts(ctx.cfg, ctx.cfg.data.source, ctx.lm.tokenizer, n_seqs, skip,
+                         f"data.source after the {skip} contexts the store used", what)
     return seqs[np.random.default_rng(seed).permutation(len(seqs))]
 
 
@@ -240,13 +229,3 @@ def run(cfg: C.RunConfig, run_dir: Path) -> dict:
 
     write_report(run_dir)
     return results
-
-
-def final_params(run_dir: Path) -> tuple[dict, dict]:
-    """(SAE params, checkpoint meta) of the last finished phase of a run, as numpy arrays."""
-    for phase in ("finetune", "mse"):
-        d = Path(run_dir) / "checkpoints" / phase
-        if d.exists() and Checkpointer(d).latest_step() is not None:
-            state, meta = Checkpointer(d).restore_raw()
-            return {k: np.asarray(v) for k, v in state["params"].items()}, meta
-    raise FileNotFoundError(f"no checkpoints under {run_dir}/checkpoints: run `python -m jaxsae.train` first")
