@@ -15,11 +15,14 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 2):
-        self.directory = Path(directory).absolute()
+        d = str(directory)
+        # a URL (gs://...) as given: on a pod every process writes its shards there
+        self.directory = epath.Path(d) if "://" in d else epath.Path(Path(d).absolute())
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=("state", "meta"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))

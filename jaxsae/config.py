@@ -8,6 +8,7 @@ one line naming the key and the fix (`ConfigError`), before any model is loaded 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,6 +25,18 @@ class ConfigError(ValueError):
 class ModelCfg:
     path: str = "shipped"  # a local HF directory, a hub id, or "shipped" (the small stdlib Pythia)
     dtype: str = "float32"
+    # Where the LM's weights live (jaxsae.sharding.LM_RULES): replicated on every device (fastest for
+    # small models), fsdp (split over the mesh's data axis, gathered per use) or tensor (heads, MLP
+    # and vocabulary over the model axis). fsdp/tensor let a model fit that a replicated copy would not.
+    lm_sharding: str = "replicated"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshCfg:
+    """The device mesh over all devices of all processes (`mesh: auto` = these defaults)."""
+
+    data: int | None = None  # batch split; None = every device the model axis leaves
+    model: int = 1  # the SAE's latents (d_sae) split; 1 = no model parallelism
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +126,7 @@ PHASES = ("mse", "finetune", "e2e")
 class CheckpointCfg:
     every_steps: int = 500
     keep: int = 2
+    dir: str = ""  # "" -> <run_dir>/checkpoints; a gs:// URL on a multi-host pod (every process writes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +140,7 @@ class RunConfig:
     name: str = "run"
     phases: tuple = ("mse", "finetune")  # any of mse, finetune (needs mse), e2e
     model: ModelCfg = ModelCfg()
+    mesh: MeshCfg = MeshCfg()
     hook: HookCfg = HookCfg()
     data: DataCfg = DataCfg()
     store: StoreCfg = StoreCfg()
@@ -246,6 +261,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         except yaml.YAMLError as e:
             raise ConfigError(f"{p} is not valid YAML: {e}") from e
         tree = loaded
+    if tree.get("mesh") == "auto":
+        tree["mesh"] = {}
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key, value)
@@ -292,6 +309,12 @@ def check_static(cfg: RunConfig) -> None:
         need(cfg.finetune.tokens >= per, f"finetune.tokens={cfg.finetune.tokens} is less than one batch "
              f"({cfg.finetune.batch_sequences} x {cfg.data.context} tokens): raise it or drop the finetune phase")
     need(cfg.mse.lr > 0, f"mse.lr={cfg.mse.lr} must be positive")
+    from jaxsae.sharding import LM_SHARDINGS
+
+    need(cfg.model.lm_sharding in LM_SHARDINGS,
+         f"model.lm_sharding={cfg.model.lm_sharding!r}: choose one of {', '.join(LM_SHARDINGS)}")
+    need(cfg.mesh.model >= 1, f"mesh.model={cfg.mesh.model} must be >= 1")
+    need(cfg.mesh.data is None or cfg.mesh.data >= 1, f"mesh.data={cfg.mesh.data} must be >= 1 (or null: all)")
     sae_config(cfg, d_model=1)  # kind, k <= d_sae, penalties (d_model is checked once the model is known)
 
 
@@ -310,6 +333,34 @@ def check_against_model(cfg: RunConfig, n_layers: int, d_model: int) -> None:
         raise ConfigError(f"hook.layer={cfg.hook.layer} is out of range for a {n_layers}-layer model: "
                           f"choose 0..{n_layers - 1}")
     sae_config(cfg, d_model)
+
+
+def check_mesh(cfg: RunConfig, n_devices: int, n_processes: int = 1) -> tuple[int, int]:
+    """(data, model) sizes of the mesh for `n_devices`, after checking that every batch splits evenly
+    over the data axis (and over processes) and the latents over the model axis."""
+    m = cfg.mesh.model
+    if n_devices % m:
+        raise ConfigError(f"mesh.model={m} does not divide the {n_devices} devices: choose a divisor of {n_devices}")
+    data = cfg.mesh.data if cfg.mesh.data is not None else n_devices // m
+    # a smaller explicit mesh uses the first data*model devices (one process only: a pod's mesh must
+    # span every process)
+    if data * m > n_devices or (data * m < n_devices and n_processes > 1):
+        raise ConfigError(f"mesh.data={data} x mesh.model={m} = {data * m} devices, but there are {n_devices}: "
+                          f"set mesh.data=null to use every device, or make the product {n_devices}")
+    split = math.lcm(data, n_processes)
+    batches = {"mse.batch_size": cfg.mse.batch_size, "store.batch_contexts": cfg.store.batch_contexts,
+               "eval.batch_sequences": cfg.eval.batch_sequences}
+    if "finetune" in cfg.phases:
+        batches["finetune.batch_sequences"] = cfg.finetune.batch_sequences
+    if "e2e" in cfg.phases:
+        batches["e2e.batch_sequences"] = cfg.e2e.batch_sequences
+    for key, b in batches.items():
+        if b % split:
+            raise ConfigError(f"{key}={b} does not split over mesh.data={data} devices and {n_processes} "
+                              f"process(es): make it a multiple of {split}")
+    if cfg.sae.d_sae % m:
+        raise ConfigError(f"sae.d_sae={cfg.sae.d_sae} does not split over mesh.model={m}: make it a multiple of {m}")
+    return data, m
 
 
 def e2e_tokens(cfg: RunConfig) -> int:

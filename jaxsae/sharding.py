@@ -269,6 +269,20 @@ def lm_param_shardings(lm, mesh: Mesh, mode: str = "replicated", rules: Mapping[
 
 # ------------------------------------------------------------------------------------ placement
 
+def jit_step(step, in_shardings=None, state_sharding=None):
+    """jit(step) with its first argument (the train state) donated.
+
+    With shardings, inputs are pinned to `in_shardings` and the outputs (state, metrics) to
+    (`state_sharding`, replicated): XLA would otherwise choose the new state's layout itself (with an
+    fsdp-sharded LM it re-lays the SAE out along d_model), and the next step would reshard it.
+    """
+    if in_shardings is None or all(s is None for s in in_shardings):
+        return jax.jit(step, donate_argnums=0)
+    mesh = next(s for s in jax.tree.leaves(in_shardings) if isinstance(s, NamedSharding)).mesh
+    return jax.jit(step, donate_argnums=0, in_shardings=tuple(in_shardings),
+                   out_shardings=(state_sharding, replicated(mesh)))
+
+
 def shard(tree, shardings):
     """Places `tree` (arrays or numpy) onto `shardings` (a matching pytree, or one sharding for all).
 
@@ -289,7 +303,37 @@ def shard(tree, shardings):
         return x
 
     jax.tree.map(check, tree, shardings)
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+        return tree  # only checked
     return jax.device_put(tree, shardings)
+
+
+def global_batch(local, sharding: NamedSharding):
+    """The global batch array from this process's rows (`local`: its contiguous slice of dim 0).
+
+    With one process `local` is the whole batch. With P processes each passes batch/P rows, in process
+    order: the global batch is their concatenation, split over the `data` axis.
+    """
+    local = np.asarray(local)
+    n = local.shape[0] * jax.process_count()
+    shard(jax.ShapeDtypeStruct((n, *local.shape[1:]), local.dtype), sharding)  # the divisibility message
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return jax.make_array_from_process_local_data(sharding, local, (n, *local.shape[1:]))
+
+
+def process_rows(n: int) -> slice:
+    """This process's contiguous slice of a global batch of `n` rows (see `global_batch`)."""
+    p, count = jax.process_index(), jax.process_count()
+    if n % count:
+        raise ValueError(f"a batch of {n} rows does not split over {count} processes: make it a multiple of {count}")
+    per = n // count
+    return slice(p * per, (p + 1) * per)
+
+
+def abstract_with(tree, shardings):
+    """Pytree of ShapeDtypeStructs carrying `shardings` (the target of an Orbax restore or an AOT lower)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(_shape(x), x.dtype, sharding=s), tree, shardings)
 
 
 def per_device_bytes(tree) -> int:

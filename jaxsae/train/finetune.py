@@ -27,6 +27,7 @@ import optax
 
 from jaxsae.evaluate import kl_per_token, position_mask
 from jaxsae.sae import SAEConfig, dead_mask, maybe_unit_norm_decoder
+from jaxsae.sharding import jit_step
 from jaxsae.train.mse import post_update
 
 
@@ -71,8 +72,11 @@ def kl_mse_loss(lm, lm_params, layer: int, sae_module, sae_cfg: SAEConfig, param
 
 def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, schedule, *, scale: float,
                        include_first: bool, kl_share: float = 0.5, l1_controller: bool = False,
-                       l1_rate: float = 0.001):
-    """Returns jit(step)(state, lm_params, tokens) -> (state, metrics), with the state donated."""
+                       l1_rate: float = 0.001, shardings=None):
+    """Returns jit(step)(state, lm_params, tokens) -> (state, metrics), with the state donated.
+
+    shardings: optional (state, lm_params, tokens) shardings; the new state keeps the state's layout.
+    """
 
     def step(state: dict, lm_params, tokens: jax.Array):
         (loss, aux), grads = jax.value_and_grad(
@@ -95,4 +99,4 @@ def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, sched
                    l1=l1, l0_target=state["l0_target"])
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, shardings, shardings[0] if shardings else None)

@@ -43,17 +43,20 @@ def resolve_model_path(path: str) -> str:
 class MetricsLog:
     """Appends JSON lines to metrics.jsonl; on resume, drops lines past the restored step."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on every process but the first: metrics are logged once
 
     def rewind(self, phase: str, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and not ((r := json.loads(line))["phase"] == phase and r["step"] > step)]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -74,6 +77,7 @@ class PhaseLoop:
         self.t0 = time.time()
         self.pending: tuple[int, Any] | None = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
+                        disable=jax.process_index() != 0,
                         mininterval=1.0)
         self.last: dict[str, float] = {}
         # Testing hook: seconds to sleep per step, so a kill can land mid-phase in resume tests.
@@ -121,6 +125,8 @@ class PhaseLoop:
 
 
 def write_eval(run_dir: Path, phase: str, metrics: dict) -> None:
+    if jax.process_index() != 0:  # written once
+        return
     path = run_dir / "eval.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     data[phase] = metrics

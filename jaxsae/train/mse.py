@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsae.config import MSECfg
+from jaxsae.sharding import jit_step
 from jaxsae.sae import (SAEConfig, dead_mask, l1_coeff_at, maybe_unit_norm_decoder, reconstruction_loss,
                         update_dead_counter, update_threshold)
 
@@ -55,8 +56,14 @@ def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens):
     return params, update_dead_counter(dead, out.fired, n_tokens)
 
 
-def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule: optax.Schedule):
-    """Returns the jit-compiled step with the state donated."""
+def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  state_shardings=None, batch_sharding=None):
+    """Returns the jit-compiled step with the state donated.
+
+    With `state_shardings` (`jaxsae.sharding.sae_state_shardings`) and `batch_sharding`, the step's
+    inputs and outputs are pinned to them: the new state keeps the old one's layout, metrics are
+    replicated.
+    """
 
     def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
         x = x.astype(jnp.float32)
@@ -73,4 +80,4 @@ def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformati
         new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead, rng=state["rng"])
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return jit_step(step, (state_shardings, batch_sharding), state_shardings)

@@ -29,19 +29,34 @@ class Context:
     store_path: str
     sae_cfg: object
     log: MetricsLog
+    mcfg: object  # the LM's config (read from config.json; no weights yet)
+    mesh: object  # jax.sharding.Mesh over all devices of all processes
     lm: object = None
     store: object = None
 
+    def checkpointer(self, phase: str) -> Checkpointer:
+        root = self.cfg.checkpoint.dir.rstrip("/") or str(self.run_dir / "checkpoints")
+        return Checkpointer(f"{root}/{phase}", keep=self.cfg.checkpoint.keep)
+
+    def lm_shardings(self):
+        from jaxsae.sharding import lm_param_shardings
+
+        return lm_param_shardings(self.mcfg, self.mesh, self.cfg.model.lm_sharding)
+
 
 def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
-    """All checks that need no compute: the model's config.json, the store's metadata."""
+    """All checks that need no compute: the model's config.json, the mesh, the store's metadata."""
     from jaxsae.data.store import read_meta
+    from jaxsae.distributed import is_main
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
+    from jaxsae.sharding import make_mesh
 
     model_path = resolve_model_path(cfg.model.path)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    data, model = C.check_mesh(cfg, jax.device_count(), jax.process_count())
+    mesh = make_mesh(data, model, jax.devices()[:data * model])
     store_path = cfg.store.path or str(run_dir / "store")
     meta = read_meta(store_path) if (cfg.store.path or (run_dir / "store").exists()) else None
     if meta is not None:
@@ -53,9 +68,10 @@ def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
             raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
                                 f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(C.dump(cfg))
+    if is_main():
+        (run_dir / "config.yaml").write_text(C.dump(cfg))
     return Context(cfg, run_dir, model_path, store_path, C.sae_config(cfg, mcfg.d_model),
-                   MetricsLog(run_dir / "metrics.jsonl"))
+                   MetricsLog(run_dir / "metrics.jsonl", enabled=is_main()), mcfg, mesh)
 
 
 def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
@@ -91,35 +107,42 @@ def mse_phase(ctx: Context) -> dict:
     """Trains the SAE on shuffled store rows; resumes from the phase's last checkpoint."""
     from jaxsae.data.reader import ShuffledReader
     from jaxsae.sae import init_sae, make_sae
+    from jaxsae.sharding import abstract_with, batch_sharding, global_batch, sae_state_shardings, shard
     from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
     total = cfg.mse.tokens // cfg.mse.batch_size
     tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
     module = make_sae(sae_cfg)
-    ckpt = Checkpointer(ctx.run_dir / "checkpoints" / "mse", keep=cfg.checkpoint.keep)
+    ckpt = ctx.checkpointer("mse")
     check_checkpoint(ckpt, ctx, "mse")
     key = jax.random.PRNGKey(cfg.mse.seed)
     start = ckpt.latest_step() or 0
+    abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
+    state_sh = sae_state_shardings(abstract, sae_cfg, ctx.mesh)
     if start:
-        abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
-        state, _ = ckpt.restore(abstract, start)
+        # restores onto this run's mesh, whatever mesh wrote the checkpoint
+        state, _ = ckpt.restore(abstract_with(abstract, state_sh), start)
         ctx.log.rewind("mse", start)
     else:
         # b_dec starts at the geometric median of a first sample of (normalised) activations
         sample = ctx.store.read(0, min(ctx.store.n_tokens, 4096), normalize=True)
-        state = init_state(init_sae(sae_cfg, key, sample), tx, sae_cfg, cfg.mse.seed)
+        state = shard(init_state(init_sae(sae_cfg, key, sample), tx, sae_cfg, cfg.mse.seed), state_sh)
     meta = {"phase": "mse", "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
     if start >= total:
         ckpt.close()
         return state
-    step_fn = make_mse_step(module, sae_cfg, tx, schedule)
-    reader = ShuffledReader(ctx.store, cfg.mse.batch_size, seed=cfg.mse.seed, start_step=start)
+    batch_sh = batch_sharding(ctx.mesh)
+    step_fn = make_mse_step(module, sae_cfg, tx, schedule, state_sh, batch_sh)
+    # each process reads its own slice of the store (interleaved blocks) and feeds batch/P rows
+    reader = ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=cfg.mse.seed,
+                            start_step=start, process_index=jax.process_index(),
+                            process_count=jax.process_count())
     loop = PhaseLoop("mse", total, cfg.mse.batch_size, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
     try:
         for step in range(start + 1, total + 1):
-            state, metrics = step_fn(state, next(reader))
+            state, metrics = step_fn(state, global_batch(next(reader), batch_sh))
             loop.after_step(step, metrics, state, {**meta, "reader": {"seed": cfg.mse.seed, "step": step}})
         loop.finish()
     finally:
@@ -156,6 +179,8 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     """The KL+MSE step over token sequences: `finetune` continues the MSE SAE over a short window with
     lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline)."""
     from jaxsae.sae import init_sae, make_sae
+    from jaxsae.sharding import (abstract_with, batch_sharding, global_batch, process_rows, sae_state_shardings,
+                                 shard)
     from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
@@ -177,14 +202,16 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     def fresh():
         return init_ft_state(start_params, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed)
 
-    ckpt = Checkpointer(ctx.run_dir / "checkpoints" / phase, keep=cfg.checkpoint.keep)
+    ckpt = ctx.checkpointer(phase)
     check_checkpoint(ckpt, ctx, phase)
     start = ckpt.latest_step() or 0
+    abstract = jax.eval_shape(fresh)
+    state_sh = sae_state_shardings(abstract, sae_cfg, ctx.mesh)
     if start:
-        state, _ = ckpt.restore(jax.eval_shape(fresh), start)
+        state, _ = ckpt.restore(abstract_with(abstract, state_sh), start)
         ctx.log.rewind(phase, start)
     else:
-        state = fresh()
+        state = shard(fresh(), state_sh)
     meta = {"phase": phase, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
     if start >= total:
@@ -192,12 +219,15 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
         return state
     step_fn = make_finetune_step(ctx.lm, cfg.hook.layer, make_sae(sae_cfg), sae_cfg, tx, schedule,
                                  scale=ctx.store.scale, include_first=cfg.data.include_first_position,
-                                 kl_share=cfg.finetune.kl_share, l1_controller=controller)
+                                 kl_share=cfg.finetune.kl_share, l1_controller=controller,
+                                 shardings=(state_sh, ctx.lm_shardings(), batch_sharding(ctx.mesh)))
+    batch_sh = batch_sharding(ctx.mesh)
+    mine = process_rows(pc.batch_sequences)  # every process holds the window; each feeds its rows
     loop = PhaseLoop(phase, total, per_step, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
     try:
         for step in range(start + 1, total + 1):
             batch = seqs[(step - 1) * pc.batch_sequences:step * pc.batch_sequences]
-            state, metrics = step_fn(state, ctx.lm.params, batch)
+            state, metrics = step_fn(state, ctx.lm.params, global_batch(batch[mine], batch_sh))
             loop.after_step(step, metrics, state, meta)
         loop.finish()
     finally:
@@ -209,7 +239,7 @@ def run(cfg: C.RunConfig, run_dir: Path) -> dict:
     from jaxsae.models import load_lm
 
     ctx = prepare(cfg, run_dir)
-    ctx.lm = load_lm(ctx.model_path, cfg.model.dtype)
+    ctx.lm = load_lm(ctx.model_path, cfg.model.dtype, shardings=ctx.lm_shardings())
     collect_store(ctx)
     results = {}
     if "mse" in cfg.phases:
@@ -225,7 +255,9 @@ def run(cfg: C.RunConfig, run_dir: Path) -> dict:
         t0 = time.time()
         e2e = kl_phase(ctx, "e2e")
         results["e2e"] = evaluate_phase(ctx, "e2e", e2e["params"], time.time() - t0, C.e2e_tokens(cfg))
+    from jaxsae.distributed import is_main
     from jaxsae.report import write_report
 
-    write_report(run_dir)
+    if is_main():
+        write_report(run_dir)
     return results
