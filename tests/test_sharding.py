@@ -171,32 +171,38 @@ LAYER, FT_BATCH, FT_SEQ, FT_STEPS = 1, 8, 8, 3
 
 
 @functools.lru_cache(maxsize=None)
-def _ft_setup():
+def _ft_setup(kind="topk"):
     lm_cfg = GPTNeoXConfig(vocab_size=97, d_model=D_MODEL, n_layers=3, n_heads=4, d_mlp=64)
     lm = LM(lm_cfg, init_params(lm_cfg, jax.random.PRNGKey(0)))
-    cfg = SAEConfig(kind="topk", d_model=D_MODEL, d_sae=128, k=K, k_aux=8,
-                    dead_tokens_threshold=FT_BATCH * FT_SEQ).validate()
+    extra = dict(k=K, k_aux=8) if kind == "topk" else dict(l1_coeff=1.0, l1_warmup_steps=0)
+    cfg = SAEConfig(kind=kind, d_model=D_MODEL, d_sae=128, dead_tokens_threshold=FT_BATCH * FT_SEQ,
+                    **extra).validate()
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 97, (FT_STEPS, FT_BATCH, FT_SEQ)).astype(np.int32)
     params = init_sae(cfg, jax.random.PRNGKey(2))
     tx, sched = finetune_optimizer(FT_LR, FT_STEPS, cfg)
     dead = np.where(np.arange(cfg.d_sae) % 3 == 0, FT_BATCH * FT_SEQ, 0)
-    state = init_ft_state(params, tx, cfg, dead, l1_coeff=0.0, l0_target=K, seed=0)
-    step = make_finetune_step(lm, LAYER, make_sae(cfg), cfg, tx, sched, scale=1.0, include_first=False)
+    state = init_ft_state(params, tx, cfg, dead, l1_coeff=cfg.l1_coeff, l0_target=K, seed=0)
+    step = functools.partial(make_finetune_step, lm, LAYER, make_sae(cfg), cfg, tx, sched, scale=1.0,
+                             include_first=False, l1_controller=kind == "relu")
     return lm, cfg, _host(state), _host(lm.params), tokens, step
 
 
-def _run_ft(mesh_shape, lm_mode="replicated"):
-    lm, cfg, state0, lm_params0, tokens, step = _ft_setup()
+def _run_ft(mesh_shape, lm_mode="replicated", kind="topk"):
+    lm, cfg, state0, lm_params0, tokens, make_step = _ft_setup(kind)
     placed = None
     if mesh_shape is None:
         state, lm_params, place = jax.device_put(state0), jax.device_put(lm_params0), jax.device_put
+        step = make_step()
     else:
         mesh = shd.make_mesh(*mesh_shape)
         placed = shd.sae_state_shardings(state0, cfg, mesh)
         state = shd.shard(state0, placed)
-        lm_params = shd.shard(lm_params0, shd.lm_param_shardings(lm, mesh, lm_mode))
+        lm_sh = shd.lm_param_shardings(lm, mesh, lm_mode)
+        lm_params = shd.shard(lm_params0, lm_sh)
         place = functools.partial(shd.shard, shardings=shd.batch_sharding(mesh))
+        # pinned in/out shardings, as the trainer builds it
+        step = make_step(shardings=(placed, lm_sh, shd.batch_sharding(mesh)))
     metrics = []
     for t in tokens:
         state, m = step(state, lm_params, place(t))
@@ -205,27 +211,32 @@ def _run_ft(mesh_shape, lm_mode="replicated"):
 
 
 @functools.lru_cache(maxsize=None)
-def _ft_reference():
-    state, metrics, _ = _run_ft(None)
+def _ft_reference(kind="topk"):
+    state, metrics, _ = _run_ft(None, kind=kind)
     return _host(state), metrics
 
 
-@pytest.mark.parametrize("mesh_shape,lm_mode", [((8, 1), "replicated"), ((4, 2), "replicated"),
-                                                ((1, 8), "replicated"), ((2, 4), "tensor"), ((4, 2), "fsdp")],
-                         ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
-def test_finetune_step_same_on_every_mesh(mesh_shape, lm_mode):
-    ref_state, ref_metrics = _ft_reference()
-    state, metrics, placed = _run_ft(mesh_shape, lm_mode)
+@pytest.mark.parametrize("kind,mesh_shape,lm_mode", [
+    ("topk", (8, 1), "replicated"), ("topk", (4, 2), "replicated"), ("topk", (1, 8), "replicated"),
+    ("topk", (2, 4), "tensor"), ("topk", (4, 2), "fsdp"),
+    ("relu", (8, 1), "replicated"), ("relu", (2, 4), "replicated"), ("relu", (4, 2), "fsdp")],
+    ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
+def test_finetune_step_same_on_every_mesh(kind, mesh_shape, lm_mode):
+    ref_state, ref_metrics = _ft_reference(kind)
+    state, metrics, placed = _run_ft(mesh_shape, lm_mode, kind)
     _close(metrics, ref_metrics, "metrics")
     got = _host(state)
     _close_trained(got["params"], ref_state["params"], "params", FT_LR)
     _close_trained(got["opt_state"], ref_state["opt_state"], "opt_state", FT_LR)
     np.testing.assert_array_equal(got["dead"], ref_state["dead"])
-    assert all(float(m["train/l0"]) == K for m in metrics)
+    if kind == "topk":
+        assert all(float(m["train/l0"]) == K for m in metrics)
+    else:  # the L1 controller moved the coefficient identically on every mesh
+        np.testing.assert_allclose(got["l1"], ref_state["l1"], rtol=1e-6)
+        assert float(got["l1"]) != 1.0
     assert all(float(m["train/kl"]) > 0 for m in metrics)
-    # With an FSDP'd LM, XLA's propagation also splits the SAE's d_model dim over 'data' in the
-    # step's outputs (the step has no out_shardings), so only the d_sae split is promised there.
-    _assert_layout_kept(state, placed, shd.make_mesh(*mesh_shape), exact=lm_mode != "fsdp")
+    # the step's out_shardings pin the new state to the old one's layout, whatever the LM's sharding
+    _assert_layout_kept(state, placed, shd.make_mesh(*mesh_shape), exact=True)
 
 
 def test_lm_sharding_modes_place_the_named_dims():
