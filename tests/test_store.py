@@ -14,7 +14,8 @@ import pytest
 
 from jaxsae.data import store as S
 from jaxsae.data.reader import ShuffledReader
-from jaxsae.data.store import StoreError, collect, open_store, write_array_store
+from jaxsae.data.collect import COMMIT_DELAY_ENV, collect
+from jaxsae.data.store import StoreError, open_store, write_array_store
 from jaxsae.data.text import FilesSource, StdlibSource, iter_contexts
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, load_lm
@@ -140,7 +141,7 @@ def test_mismatched_arguments_error(lm, collected):
 
 _CHILD = """
 import sys
-from jaxsae.data.store import collect
+from jaxsae.data.collect import collect
 from jaxsae.data.text import StdlibSource
 from jaxsae.models.lm import load_lm
 lm = load_lm(sys.argv[1])
@@ -152,7 +153,7 @@ print("FINISHED", flush=True)
 def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     # Same platform as this process (rows must match bit for bit); don't grab a whole GPU if there is one.
-    env = {**os.environ, S.COMMIT_DELAY_ENV: "0.25", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    env = {**os.environ, COMMIT_DELAY_ENV: "0.25", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(kw=repr(KW)), str(model_dir), str(killed)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

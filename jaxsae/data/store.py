@@ -1,4 +1,4 @@
-"""Tensorstore activation store: layout, metadata, resumable collection, opening and validation.
+"""Tensorstore activation store: layout, metadata, opening and validation (collection: `collect.py`).
 
 Layout under any tensorstore kvstore (a local directory, ``file://``, ``memory://`` or ``gs://``):
 
@@ -22,15 +22,11 @@ later phase that skips that many contexts of the same text stream never reuses t
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import math
 import os
-import time
-import warnings
-from collections import deque
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import tensorstore as ts
@@ -39,15 +35,9 @@ FORMAT_VERSION = 1
 META_KEY = "meta.json"
 ARRAY_DIR = "activations/"
 DTYPES = ("float32", "bfloat16")
-# Test hook: seconds to sleep after each commit, so a test can SIGKILL a collection mid-way.
-COMMIT_DELAY_ENV = "JAXSAE_STORE_COMMIT_DELAY"
-_MAX_INFLIGHT_WRITES = 2  # shard writes in flight while the next batches are computed
 # One context for the whole process: memory:// stores live in a context resource, so without a
 # shared context every open would see a fresh, empty memory store.
 _CONTEXT = ts.Context()
-# Meta fields that must match between a store and the arguments of a resumed collection.
-_IDENTITY_KEYS = ("model", "layer", "hook", "dtype", "context", "batch_contexts", "tokenizer", "source",
-                  "positions", "tokens_target", "norm_sample_tokens", "chunk_rows", "shard_rows")
 _REQUIRED_KEYS = ("format_version", "model", "dtype", "chunk_rows", "shard_rows", "tokens_target",
                   "tokens_written", "scale", "complete")
 
@@ -282,196 +272,3 @@ def write_array_store(path: PathLike, x: Any, *, dtype: str = "float32", chunk_r
             **(extra or {})}
     _write_meta(kv, meta)
     return open_store(kv)
-
-
-# --------------------------------------------------------------------------- collection
-
-@dataclasses.dataclass(frozen=True)
-class StoreInfo:
-    """What ``collect`` produced: the committed row count, shape facts and the full metadata."""
-
-    url: str
-    n_tokens: int
-    d_model: int
-    dtype: str
-    scale: float | None
-    complete: bool
-    text_exhausted: bool
-    meta: dict[str, Any]
-
-    def open(self, allow_incomplete: bool = False) -> ActivationStore:
-        return open_store(self.url, allow_incomplete=allow_incomplete)
-
-
-def _identity(lm, layer, source, tokenizer, *, n_tokens, context, batch_contexts, dtype, bos, eos, drop,
-              norm_sample_tokens, chunk_rows, shard_rows) -> dict[str, Any]:
-    cfg = lm.config
-    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.get_vocab_size()
-    return _jsonable({
-        "model": {"path": str(lm.path) if lm.path is not None else None, "arch": cfg.arch,
-                  "d_model": lm.d_model, "n_layers": lm.n_layers, "config": dataclasses.asdict(cfg)},
-        "layer": layer, "hook": hook_name(layer), "dtype": dtype, "context": context,
-        "batch_contexts": batch_contexts,
-        "tokenizer": {"name": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-                      "vocab_size": vocab, "bos_id": bos, "eos_id": eos},
-        "source": source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__},
-        "positions": {"bos_prepended": bos is not None, "dropped": list(range(drop)),
-                      "rows_per_context": context - drop,
-                      "padding": "none: contexts are fully packed; the trailing partial context is dropped"},
-        "tokens_target": n_tokens, "norm_sample_tokens": norm_sample_tokens,
-        "chunk_rows": chunk_rows, "shard_rows": shard_rows})
-
-
-def _check_identity(meta: Mapping[str, Any], want: Mapping[str, Any], where: str) -> None:
-    diffs = []
-    for k in _IDENTITY_KEYS:
-        have, new = meta.get(k), want[k]
-        if isinstance(have, dict) and isinstance(new, dict):  # name the innermost differing fields
-            diffs += [f"{k}.{f}: store has {have.get(f)!r}, arguments give {new.get(f)!r}"
-                      for f in sorted(set(have) | set(new)) if have.get(f) != new.get(f)]
-        elif have != new:
-            diffs.append(f"{k}: store has {have!r}, arguments give {new!r}")
-    if diffs:
-        raise StoreError(f"store {where} was collected with a different configuration: " + "; ".join(diffs)
-                         + ". Pass the same arguments to resume it, or collect into a fresh path "
-                         "(or pass overwrite=True to discard it).")
-
-
-def _one_ahead(it: Iterable[Any]) -> Iterator[Any]:
-    """Yields each item only after the next one was produced: the device computes batch i+1
-    (async dispatch) while the host copies and writes batch i."""
-    it = iter(it)
-    prev = next(it, None)
-    for cur in it:
-        yield prev
-        prev = cur
-    if prev is not None:
-        yield prev
-
-
-def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int, context: int,
-            batch_contexts: int, dtype: str = "float32", drop_bos: bool = True, drop_first: bool | None = None,
-            norm_sample_tokens: int = 1 << 16, bos_id: int | None | str = "auto",
-            eos_id: int | None | str = "auto", chunk_rows: int | None = None, shard_chunks: int = 16,
-            overwrite: bool = False, progress: bool = True) -> StoreInfo:
-    """Collects ``n_tokens`` rows of ``lm``'s residual after block ``layer`` into the store at ``path``.
-
-    Text is packed into int32[context] contexts (``iter_contexts``), run through ``lm.residual`` in
-    int32[batch_contexts, context] batches, dropped positions removed, and written in whole shards;
-    each shard is committed to meta.json only after its write finished. Calling ``collect`` again
-    with the same arguments resumes after the last committed shard (no duplicate or missing rows;
-    bit-identical to an uninterrupted run, because batches are recomputed from batch boundaries);
-    on a complete store it returns at once. If the text runs out first the store is truncated to
-    the rows written (``text_exhausted`` in the metadata, and a warning).
-    """
-    from tqdm.auto import tqdm
-
-    import jax
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
-
-    layer = lm.check_layer(layer)
-    np_dtype = _np_dtype(dtype)
-    if n_tokens < 1 or batch_contexts < 1 or shard_chunks < 1:
-        raise ValueError("n_tokens, batch_contexts and shard_chunks must be >= 1")
-    bos = getattr(tokenizer, "bos_token_id", None) if bos_id == "auto" else bos_id
-    eos = getattr(tokenizer, "eos_token_id", None) if eos_id == "auto" else eos_id
-    # drop_first decides outright; otherwise position 0 goes only when it holds a prepended BOS.
-    # (Without BOS, position 0 of a packed context still attends only to itself and is an outlier
-    # too: the trainer passes drop_first from data.include_first_position.)
-    drop = int(drop_first) if drop_first is not None else (1 if drop_bos and bos is not None else 0)
-    r = context - drop  # rows per context
-    if r < 1:
-        raise ValueError(f"context={context} leaves no rows after dropping {drop} position(s)")
-    d = lm.d_model
-    chunk_rows = chunk_rows or chunk_rows_for(d, dtype)
-    shard_rows = chunk_rows * shard_chunks
-    want = _identity(lm, layer, source, tokenizer, n_tokens=n_tokens, context=context,
-                     batch_contexts=batch_contexts, dtype=dtype, bos=bos, eos=eos, drop=drop,
-                     norm_sample_tokens=norm_sample_tokens, chunk_rows=chunk_rows, shard_rows=shard_rows)
-
-    kv = _open_kv(path)
-    meta = None if overwrite else read_meta(kv)
-    if meta is None:
-        arr = _create_array(kv, n_tokens, d, dtype, chunk_rows, shard_rows)
-        meta = {"format_version": FORMAT_VERSION, **want, "created": _now(), "tokens_written": 0,
-                "contexts_consumed": 0, "scale": None, "complete": False, "text_exhausted": False}
-        _write_meta(kv, meta)
-    else:
-        _check_identity(meta, want, kv.url)
-        arr = _open_array(kv, meta)
-    done = meta["tokens_written"]  # a multiple of shard_rows, unless the final partial shard
-
-    def info() -> StoreInfo:
-        return StoreInfo(kv.url, meta["tokens_written"], d, dtype, meta["scale"], meta["complete"],
-                         meta["text_exhausted"], dict(meta))
-
-    if meta["complete"]:
-        return info()
-
-    n_scale = min(norm_sample_tokens, n_tokens)
-    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
-    inflight: deque[tuple[int, Any]] = deque()  # (end row, write future), oldest first
-
-    def commit(block: bool) -> None:
-        # In order, so tokens_written never passes a shard that is still being written.
-        while inflight and (block or inflight[0][1].done() or len(inflight) > _MAX_INFLIGHT_WRITES):
-            end, fut = inflight.popleft()
-            fut.result()
-            meta.update(tokens_written=end, contexts_consumed=-(-end // r))  # contexts touched
-            if meta["scale"] is None and end >= n_scale:
-                meta["scale"] = _scale(arr, n_scale, d, 4 * chunk_rows)
-            _write_meta(kv, meta)
-            if delay:
-                time.sleep(delay)
-
-    post = jax.jit(lambda h: h[:, drop:].reshape(-1, d).astype(np_dtype))
-    per_batch = batch_contexts * r
-    b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
-
-    def batches() -> Iterator[tuple[int, Any]]:
-        contexts = iter_contexts(source, tokenizer, context, bos_id=bos, eos_id=eos,
-                                 skip_contexts=b0 * batch_contexts)
-        for toks in _batch(contexts, batch_contexts, drop_last=False):
-            n_real = len(toks)  # pad the last batch so its shape (and compiled program) stays the same
-            toks = np.concatenate([toks, np.zeros((batch_contexts - n_real, context), np.int32)])
-            yield n_real, post(lm.residual(toks, layer))
-
-    skip, pos = done - b0 * per_batch, done  # pos: first row not yet handed to tensorstore
-    buf: list[np.ndarray] = []
-    n_buf = 0
-    bar = tqdm(total=n_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"collect {hook_name(layer)}", dynamic_ncols=True)
-    try:
-        for n_real, out in _one_ahead(batches() if done < n_tokens else ()):
-            rows = np.asarray(out)[skip:n_real * r][:n_tokens - pos - n_buf]
-            skip = 0
-            buf.append(rows)
-            n_buf += len(rows)
-            bar.update(len(rows))
-            final = pos + n_buf == n_tokens
-            k = n_buf if final else n_buf // shard_rows * shard_rows
-            if k:
-                x = np.concatenate(buf)
-                inflight.append((pos + k, arr[pos:pos + k].write(x[:k])))
-                pos, buf, n_buf = pos + k, [x[k:]], n_buf - k
-            commit(block=False)
-            if final:
-                break
-        if n_buf:  # text ran out: write the partial last shard
-            inflight.append((pos + n_buf, arr[pos:pos + n_buf].write(np.concatenate(buf))))
-            pos += n_buf
-        commit(block=True)
-    finally:
-        bar.close()
-    if pos == 0:
-        raise StoreError(f"the text source yielded no complete {context}-token context; use more text")
-    if pos < n_tokens:
-        warnings.warn(f"text source ran out after {pos} of {n_tokens} tokens; the store at {kv.url} "
-                      "is truncated to them", stacklevel=2)
-        arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
-        meta["text_exhausted"] = True
-    if meta["scale"] is None:
-        meta["scale"] = _scale(arr, min(n_scale, pos), d, 4 * chunk_rows)
-    meta["complete"] = True
-    _write_meta(kv, meta)
-    return info()

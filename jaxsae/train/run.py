@@ -89,7 +89,7 @@ def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
 
 
 def collect_store(ctx: Context) -> None:
-    from jaxsae.data.store import collect
+    from jaxsae.data.collect import collect
     from jaxsae.data.text import make_source
 
     cfg = ctx.cfg
