@@ -8,7 +8,6 @@ one line naming the key and the fix (`ConfigError`), before any model is loaded 
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from pathlib import Path
@@ -347,7 +346,11 @@ def check_mesh(cfg: RunConfig, n_devices: int, n_processes: int = 1) -> tuple[in
     if data * m > n_devices or (data * m < n_devices and n_processes > 1):
         raise ConfigError(f"mesh.data={data} x mesh.model={m} = {data * m} devices, but there are {n_devices}: "
                           f"set mesh.data=null to use every device, or make the product {n_devices}")
-    split = math.lcm(data, n_processes)
+    if data % n_processes:
+        # each process feeds its own rows of every batch, so no two processes may share a data slice
+        raise ConfigError(f"mesh.data={data} is not a multiple of the {n_processes} processes: make mesh.data a "
+                          f"multiple of {n_processes} (and mesh.model = devices / mesh.data)")
+    split = data
     batches = {"mse.batch_size": cfg.mse.batch_size, "store.batch_contexts": cfg.store.batch_contexts,
                "eval.batch_sequences": cfg.eval.batch_sequences}
     if "finetune" in cfg.phases:
@@ -356,8 +359,7 @@ def check_mesh(cfg: RunConfig, n_devices: int, n_processes: int = 1) -> tuple[in
         batches["e2e.batch_sequences"] = cfg.e2e.batch_sequences
     for key, b in batches.items():
         if b % split:
-            raise ConfigError(f"{key}={b} does not split over mesh.data={data} devices and {n_processes} "
-                              f"process(es): make it a multiple of {split}")
+            raise ConfigError(f"{key}={b} does not split over mesh.data={data}: make it a multiple of {split}")
     if cfg.sae.d_sae % m:
         raise ConfigError(f"sae.d_sae={cfg.sae.d_sae} does not split over mesh.model={m}: make it a multiple of {m}")
     return data, m

@@ -322,13 +322,14 @@ def global_batch(local, sharding: NamedSharding):
     return jax.make_array_from_process_local_data(sharding, local, (n, *local.shape[1:]))
 
 
-def process_rows(n: int) -> slice:
-    """This process's contiguous slice of a global batch of `n` rows (see `global_batch`)."""
-    p, count = jax.process_index(), jax.process_count()
-    if n % count:
-        raise ValueError(f"a batch of {n} rows does not split over {count} processes: make it a multiple of {count}")
-    per = n // count
-    return slice(p * per, (p + 1) * per)
+def batch_from_global(full, sharding: NamedSharding):
+    """The global batch array from the whole batch, which every process holds (the fine-tune window):
+    each process places just the rows its devices hold, whatever the mesh's layout over hosts."""
+    full = np.asarray(full)
+    shard(jax.ShapeDtypeStruct(full.shape, full.dtype), sharding)
+    if jax.process_count() == 1:
+        return jax.device_put(full, sharding)
+    return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
 
 
 def abstract_with(tree, shardings):

@@ -179,8 +179,7 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     """The KL+MSE step over token sequences: `finetune` continues the MSE SAE over a short window with
     lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline)."""
     from jaxsae.sae import init_sae, make_sae
-    from jaxsae.sharding import (abstract_with, batch_sharding, global_batch, process_rows, sae_state_shardings,
-                                 shard)
+    from jaxsae.sharding import abstract_with, batch_from_global, batch_sharding, sae_state_shardings, shard
     from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
@@ -222,12 +221,11 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
                                  kl_share=cfg.finetune.kl_share, l1_controller=controller,
                                  shardings=(state_sh, ctx.lm_shardings(), batch_sharding(ctx.mesh)))
     batch_sh = batch_sharding(ctx.mesh)
-    mine = process_rows(pc.batch_sequences)  # every process holds the window; each feeds its rows
     loop = PhaseLoop(phase, total, per_step, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
     try:
         for step in range(start + 1, total + 1):
             batch = seqs[(step - 1) * pc.batch_sequences:step * pc.batch_sequences]
-            state, metrics = step_fn(state, ctx.lm.params, global_batch(batch[mine], batch_sh))
+            state, metrics = step_fn(state, ctx.lm.params, batch_from_global(batch, batch_sh))
             loop.after_step(step, metrics, state, meta)
         loop.finish()
     finally:

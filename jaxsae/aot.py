@@ -1,0 +1,201 @@
+"""`python -m jaxsae.aot --config CONFIG [--topology v4-32] [--set key=value ...]`
+
+Compiles the MSE step and the fused KL+MSE step ahead of time, from abstract inputs, for the run's
+mesh on a named TPU topology (or on this machine's devices), and prints each step's per-device memory
+and FLOPs. A mesh that does not divide the slice, a batch that does not split, or a model that does
+not fit shows up here, on a laptop, before the pod is paid for.
+
+TPU topologies need `libtpu` installed (`pip install "jax[tpu]"`); no TPU is needed to compile. Names
+are slice names (`v5e-8`, `v4-32`, `v5p-64`, `v6e-16`: cores for v4/v5p, chips for v5e/v6e) or
+`jax.experimental.topologies` names (`v5e:2x4`, `v4:2x2x4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+
+import jax
+import numpy as np
+
+# Slice name -> chip topology. v4 and v5p slice names count TensorCores (2 per chip).
+_TOPOLOGIES = {
+    "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4",
+    "v4-256": "v4:4x4x8", "v4-512": "v4:4x8x8",
+    "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:2x4x4",
+    "v5p-128": "v5p:4x4x4",
+    "v5e-1": "v5e:1x1", "v5e-4": "v5e:2x2", "v5e-8": "v5e:2x4", "v5e-16": "v5e:4x4", "v5e-32": "v5e:4x8",
+    "v5e-64": "v5e:8x8", "v5e-128": "v5e:8x16", "v5e-256": "v5e:16x16",
+    "v6e-1": "v6e:1x1", "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-32": "v6e:4x8",
+    "v6e-64": "v6e:8x8", "v6e-128": "v6e:8x16", "v6e-256": "v6e:16x16",
+}
+_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
+# High-bandwidth memory per chip (one device per chip), for the "does it fit" line (public spec sheets).
+HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
+
+
+class AOTError(ValueError):
+    """A topology that cannot be used; the message names the fix."""
+
+
+def topology_name(name: str) -> str:
+    """`v5e-8` / `v5litepod-8` / `v5e:2x4` -> the topologies module's name (`v5e:2x4`)."""
+    gen, _, rest = name.partition("-")
+    name = f"{_ALIASES.get(gen, gen)}-{rest}" if rest else name
+    if ":" in name:
+        return name
+    if name not in _TOPOLOGIES:
+        raise AOTError(f"unknown TPU topology {name!r}: use one of {', '.join(_TOPOLOGIES)} or a chip "
+                       f"topology such as v5e:2x4")
+    return _TOPOLOGIES[name]
+
+
+def topology_devices(name: str) -> list:
+    """The devices of a TPU slice, described without the hardware (needs libtpu)."""
+    from jax.experimental import topologies
+
+    topo = topology_name(name)
+    # v5e-8 / v6e-8 are one host with 8 chips; libtpu's default is 4 chips per host
+    kw = {"chips_per_host_bounds": (2, 4, 1)} if topo in ("v5e:2x4", "v6e:2x4") else {}
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topo, **kw)
+    except Exception as e:  # no libtpu, or a topology it does not know
+        raise AOTError(f"cannot describe TPU topology {topo!r} ({type(e).__name__}: {str(e)[:300]}); "
+                       f"install libtpu with `pip install \"jax[tpu]\"` (no TPU needed to compile)") from e
+    # v4 / v5p run in megacore mode (one device per chip, as jax.make_mesh requires) but are described
+    # per TensorCore: keep one device per chip
+    return [d for d in desc.devices if getattr(d, "core_on_chip", 0) == 0]
+
+
+@dataclasses.dataclass
+class Compiled:
+    name: str
+    flops: float | None  # per device, XLA's cost analysis
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    alias_bytes: int  # donated inputs reused as outputs
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+
+def _summarise(name: str, compiled) -> Compiled:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    get = lambda attr: int(getattr(mem, attr, 0) or 0)  # noqa: E731
+    return Compiled(name, flops, get("argument_size_in_bytes"), get("output_size_in_bytes"),
+                    get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), get("alias_size_in_bytes"))
+
+
+def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], object]:
+    """Lowers and compiles the run's steps for `devices` (a list, maybe of a described topology).
+
+    Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct.
+    """
+    from jaxsae import config as C
+    from jaxsae.models import read_config
+    from jaxsae.models.hf import resolve
+    from jaxsae.models.lm import LM, abstract_params
+    from jaxsae.sae import init_sae, make_sae
+    from jaxsae.sharding import (abstract_with, batch_sharding, lm_param_shardings, make_mesh,
+                                 sae_state_shardings)
+    from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
+    from jaxsae.train.loop import resolve_model_path
+    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+
+    mcfg = read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
+    C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    data, model = C.check_mesh(cfg, len(devices), n_processes)
+    mesh = make_mesh(data, model, devices[:data * model])
+    sae_cfg = C.sae_config(cfg, mcfg.d_model)
+    module = make_sae(sae_cfg)
+    key = jax.random.PRNGKey(0)
+    out = []
+
+    total = max(cfg.mse.tokens // cfg.mse.batch_size, 1)
+    tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
+    state = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, 0))
+    state_sh = sae_state_shardings(state, sae_cfg, mesh)
+    batch_sh = batch_sharding(mesh)
+    if "mse" in cfg.phases:
+        step = make_mse_step(module, sae_cfg, tx, schedule, state_sh, batch_sh)
+        x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), np.dtype(cfg.store.dtype)
+                                 if cfg.store.dtype != "bfloat16" else jax.numpy.bfloat16, sharding=batch_sh)
+        out.append(_summarise("mse step", step.lower(abstract_with(state, state_sh), x).compile()))
+
+    for phase in [p for p in ("finetune", "e2e") if p in cfg.phases]:
+        pc = getattr(cfg, phase)
+        ftx, fsched = finetune_optimizer(pc.lr, 100, sae_cfg)
+        fstate = jax.eval_shape(lambda: init_ft_state(init_sae(sae_cfg, key), ftx, sae_cfg,
+                                                      np.zeros(sae_cfg.d_sae, np.int32), 0.0, 0.0, 0))
+        fsh = sae_state_shardings(fstate, sae_cfg, mesh)
+        lm_sh = lm_param_shardings(mcfg, mesh, cfg.model.lm_sharding)
+        lm_params = abstract_with(abstract_params(mcfg), lm_sh)
+        step = make_finetune_step(LM(mcfg, None), cfg.hook.layer, module, sae_cfg, ftx, fsched, scale=1.0,
+                                  include_first=cfg.data.include_first_position, kl_share=cfg.finetune.kl_share,
+                                  l1_controller=sae_cfg.kind == "relu", shardings=(fsh, lm_sh, batch_sh))
+        tokens = jax.ShapeDtypeStruct((pc.batch_sequences, cfg.data.context), np.int32, sharding=batch_sh)
+        out.append(_summarise(f"{phase} step (fused KL+MSE)",
+                              step.lower(abstract_with(fstate, fsh), lm_params, tokens).compile()))
+        break  # finetune and e2e compile the same step
+    return out, mesh
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jaxsae.aot", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    ap.add_argument("--topology", default="local",
+                    help="TPU slice (v5e-8, v4-32, v5e:2x4, ...) or 'local' for this machine's devices")
+    ap.add_argument("--hbm-gib", type=float, default=None, help="device memory to check against "
+                    "(default: the TPU generation's HBM; none for local)")
+    a = ap.parse_args(argv)
+
+    from jaxsae.config import ConfigError, load_config
+    from jaxsae.models.hf import CheckpointError
+
+    try:
+        cfg = load_config(a.config, a.overrides)
+        if a.topology == "local":
+            devices, hosts, hbm = jax.devices(), jax.process_count(), a.hbm_gib
+        else:
+            devices = topology_devices(a.topology)
+            hosts = len({d.process_index for d in devices})
+            hbm = a.hbm_gib or HBM_GIB.get(topology_name(a.topology).split(":")[0])
+        steps, mesh = compile_steps(cfg, devices, hosts)
+    except (ConfigError, CheckpointError, AOTError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kind = getattr(devices[0], "device_kind", devices[0].platform)
+    print(f"{a.topology}: {len(devices)} x {kind} on {hosts} host(s); mesh data={mesh.shape['data']} "
+          f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding}")
+    fits = True
+    for s in steps:
+        flops = f"{s.flops / 1e9:,.1f} GFLOP" if s.flops is not None else "n/a"
+        line = (f"  {s.name:<28} per device: args {_gib(s.argument_bytes)}  temp {_gib(s.temp_bytes)}  "
+                f"out {_gib(s.output_bytes)}  peak ~{_gib(s.peak_bytes)}  | {flops} per step")
+        if hbm:
+            ok = s.peak_bytes <= hbm * 2**30
+            fits &= ok
+            line += f"  | {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB"
+        print(line)
+    if not fits:
+        print("error: a step does not fit in device memory: shard the LM (model.lm_sharding=fsdp or tensor), "
+              "raise mesh.model for the SAE, or lower the batch", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
