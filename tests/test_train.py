@@ -143,3 +143,28 @@ def test_checkpoint_of_another_sae_is_refused(tiny_model, finished_run, tmp_path
     r = _run(_args(tiny_model, run_dir, "--set", "sae.d_sae=256"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "holds a mse checkpoint of an SAE with d_sae=128, but the config says sae.d_sae=256" in r.stderr
+
+
+def test_url_run_dir_keeps_checkpoints_remote_and_copies_the_small_files(tmp_path):
+    from types import SimpleNamespace
+
+    from jaxsae.config import load_config
+    from jaxsae.train.run import split_run_dir, sync_remote
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    local, remote = split_run_dir(cfg, "gs://bucket/runs/demo/")
+    assert local == Path("runs") / "demo" and remote == "gs://bucket/runs/demo"
+    assert split_run_dir(cfg, tmp_path / "r") == (tmp_path / "r", None)
+    # the copy itself goes through etils.epath, which treats a plain path like a bucket path
+    here, there = tmp_path / "here", tmp_path / "there"
+    here.mkdir(), there.mkdir()
+    (here / "metrics.jsonl").write_text('{"phase": "mse", "step": 1}\n')
+    (here / "eval.json").write_text("{}")
+    ctx = SimpleNamespace(run_dir=here, remote=str(there))
+    sync_remote(ctx)
+    assert (there / "metrics.jsonl").read_text() == (here / "metrics.jsonl").read_text()
+    assert not (there / "report.md").exists()
+    fresh = SimpleNamespace(run_dir=tmp_path / "new_host", remote=str(there))
+    fresh.run_dir.mkdir()
+    sync_remote(fresh, down=True)  # a resumed run on a new VM continues the metrics
+    assert (fresh.run_dir / "metrics.jsonl").exists() and (fresh.run_dir / "eval.json").read_text() == "{}"

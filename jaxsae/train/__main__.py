@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML file (see configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="override one config value; repeatable")
-    ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/<name>")
+    ap.add_argument("--run-dir", default=None,
+                    help="default: runs/<name>; a gs://... URL on a multi-host pod (checkpoints and store there)")
     a = ap.parse_args(argv)
 
     from jaxsae.config import ConfigError, load_config
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(a.config, a.overrides)
         run_dir = a.run_dir or Path("runs") / cfg.name
+        from jaxsae.distributed import maybe_initialize
+
+        try:
+            maybe_initialize()  # before anything touches a device
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         import jax
 
         print(f"jaxsae: {jax.process_count()} process(es), devices {jax.devices()}", file=sys.stderr)

@@ -24,18 +24,19 @@ class Context:
     """What the phases share once the checks have passed."""
 
     cfg: C.RunConfig
-    run_dir: Path
+    run_dir: Path  # local: config.yaml, metrics.jsonl, eval.json, report.*
     model_path: str
     store_path: str
     sae_cfg: object
     log: MetricsLog
     mcfg: object  # the LM's config (read from config.json; no weights yet)
     mesh: object  # jax.sharding.Mesh over all devices of all processes
+    remote: str | None = None  # a gs://... run directory: checkpoints and store live there, files are copied up
     lm: object = None
     store: object = None
 
     def checkpointer(self, phase: str) -> Checkpointer:
-        root = self.cfg.checkpoint.dir.rstrip("/") or str(self.run_dir / "checkpoints")
+        root = self.cfg.checkpoint.dir.rstrip("/") or f"{self.remote or self.run_dir}/checkpoints"
         return Checkpointer(f"{root}/{phase}", keep=self.cfg.checkpoint.keep)
 
     def lm_shardings(self):
@@ -44,7 +45,35 @@ class Context:
         return lm_param_shardings(self.mcfg, self.mesh, self.cfg.model.lm_sharding)
 
 
-def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
+SYNCED = ("config.yaml", "metrics.jsonl", "eval.json", "report.md", "report.png")
+
+
+def split_run_dir(cfg: C.RunConfig, run_dir) -> tuple[Path, str | None]:
+    """(local dir, remote URL or None). A URL run dir (gs://bucket/run: shared by every host of a pod)
+    holds the checkpoints and the store; the small files are written under runs/<name> and copied up."""
+    text = str(run_dir)
+    if "://" in text:
+        return Path("runs") / cfg.name, text.rstrip("/")
+    return Path(run_dir), None
+
+
+def sync_remote(ctx: "Context", down: bool = False) -> None:
+    """Copies the run's small files up to the remote run dir (or, on resume, down when missing here)."""
+    if ctx.remote is None:
+        return
+    from etils import epath
+
+    from jaxsae.distributed import is_main
+
+    for name in SYNCED:
+        local, remote = ctx.run_dir / name, epath.Path(ctx.remote) / name
+        if down and not local.exists() and remote.exists():
+            local.write_bytes(remote.read_bytes())
+        elif not down and is_main() and local.exists():
+            remote.write_bytes(local.read_bytes())
+
+
+def prepare(cfg: C.RunConfig, run_dir) -> Context:
     """All checks that need no compute: the model's config.json, the mesh, the store's metadata."""
     from jaxsae.data.store import read_meta
     from jaxsae.distributed import is_main
@@ -52,13 +81,14 @@ def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
     from jaxsae.models.hf import resolve
     from jaxsae.sharding import make_mesh
 
+    run_dir, remote = split_run_dir(cfg, run_dir)
     model_path = resolve_model_path(cfg.model.path)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     data, model = C.check_mesh(cfg, jax.device_count(), jax.process_count())
     mesh = make_mesh(data, model, jax.devices()[:data * model])
-    store_path = cfg.store.path or str(run_dir / "store")
-    meta = read_meta(store_path) if (cfg.store.path or (run_dir / "store").exists()) else None
+    store_path = cfg.store.path or f"{remote or run_dir}/store"
+    meta = read_meta(store_path) if (cfg.store.path or remote or (run_dir / "store").exists()) else None
     if meta is not None:
         d, layer = meta.get("model", {}).get("d_model"), meta.get("layer")
         if d != mcfg.d_model:
@@ -68,10 +98,12 @@ def prepare(cfg: C.RunConfig, run_dir: Path) -> Context:
             raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
                                 f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
     run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(cfg, run_dir, model_path, store_path, C.sae_config(cfg, mcfg.d_model),
+                  MetricsLog(run_dir / "metrics.jsonl", enabled=is_main()), mcfg, mesh, remote)
+    sync_remote(ctx, down=True)  # a resumed pod run continues the metrics written before
     if is_main():
         (run_dir / "config.yaml").write_text(C.dump(cfg))
-    return Context(cfg, run_dir, model_path, store_path, C.sae_config(cfg, mcfg.d_model),
-                   MetricsLog(run_dir / "metrics.jsonl", enabled=is_main()), mcfg, mesh)
+    return ctx
 
 
 def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
@@ -161,6 +193,7 @@ def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int
                  include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences)
     m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1))
     write_eval(ctx.run_dir, phase, m)
+    sync_remote(ctx)
     print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
           f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
           f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
@@ -233,7 +266,8 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     return state
 
 
-def run(cfg: C.RunConfig, run_dir: Path) -> dict:
+def run(cfg: C.RunConfig, run_dir) -> dict:
+    """Runs every phase of `cfg` in `run_dir` (a local path, or a URL shared by all hosts)."""
     from jaxsae.models import load_lm
 
     ctx = prepare(cfg, run_dir)
@@ -257,5 +291,6 @@ def run(cfg: C.RunConfig, run_dir: Path) -> dict:
     from jaxsae.report import write_report
 
     if is_main():
-        write_report(run_dir)
+        write_report(ctx.run_dir)
+    sync_remote(ctx)
     return results
