@@ -130,3 +130,45 @@ def test_unfinished_store_resumes_only_with_its_process_count(two_process_store,
     lm = load_lm(SHIPPED)
     with pytest.raises(StoreError, match=r"begun by 2 process\(es\).*resume it with 2"):
         collect(lm, 1, StdlibSource("val"), lm.tokenizer, bad, n_tokens=N_TOKENS, progress=False, **KW)
+
+
+_TRAIN = ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "hook.layer=1", "--set", "data.context=32",
+          "--set", "store.tokens=20000", "--set", "store.batch_contexts=16", "--set", "store.norm_sample_tokens=4096",
+          "--set", "sae.d_sae=128", "--set", "sae.k=8", "--set", "mse.tokens=25600", "--set", "mse.batch_size=256",
+          "--set", "mse.warmup_steps=5", "--set", "finetune.tokens=3072", "--set", "finetune.batch_sequences=4",
+          "--set", "checkpoint.every_steps=10", "--set", "eval.sequences=8", "--set", "eval.batch_sequences=4"]
+
+
+def test_two_process_training_run_matches_one_process(tmp_path):
+    """`python -m jaxsae.train` on 2 processes (1 CPU device each, gloo collectives): one global
+    mesh, each process reads its own slice of the store, metrics and eval written once."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxsae.train", *_TRAIN, "--run-dir", str(tmp_path / "two")],
+                              env={**os.environ, "JAXSAE_COORDINATOR": f"127.0.0.1:{port}", "JAX_PLATFORMS": "cpu",
+                                   "JAXSAE_NUM_PROCESSES": "2", "JAXSAE_PROCESS_ID": str(p), "XLA_FLAGS": ""},
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
+    outs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert "[finetune]" in outs[0] and "[finetune]" not in outs[1]  # printed once
+    one = subprocess.run([sys.executable, "-m", "jaxsae.train", *_TRAIN, "--run-dir", str(tmp_path / "one")],
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_eval, one_eval = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("two", "one"))
+    assert set(two_eval) == {"mse", "finetune"}
+    for phase in ("mse", "finetune"):  # other rows per MSE step, the same fine-tune window: close, not equal
+        assert two_eval[phase]["ce_clean"] == pytest.approx(one_eval[phase]["ce_clean"], rel=1e-5)
+        assert two_eval[phase]["ce_gap"] == pytest.approx(one_eval[phase]["ce_gap"], rel=0.05)
+    assert two_eval["finetune"]["ce_gap"] < two_eval["mse"]["ce_gap"]
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["phase"], r["step"]) for r in lines]
+    assert len(keys) == len(set(keys))  # logged once
+    assert open_store(tmp_path / "two" / "store").meta["processes"] == 2

@@ -194,9 +194,10 @@ def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int
     m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1))
     write_eval(ctx.run_dir, phase, m)
     sync_remote(ctx)
-    print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
-          f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
-          f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
+    if jax.process_index() == 0:
+        print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
+              f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
+              f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
     return m
 
 
