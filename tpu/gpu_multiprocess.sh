@@ -26,6 +26,7 @@ the script waits for all and, when one fails, stops the others it started and ex
   --port P            coordinator port (default 12355)
   --log-dir DIR       default logs/gpu-<UTC time>
   --python PY         default: python (the environment's interpreter; on remote hosts as found there)
+Environment: DRY_RUN, POLL_SECONDS (how often to check the processes, default 1).
 
 Every process must reach the same run dir: on several hosts use gs://... or a shared filesystem.
 SLURM: skip this script; give each task one GPU and let JAX read the allocation:
@@ -121,6 +122,6 @@ while [ ${#pids[@]} -gt 0 ]; do
       exit "$rc"
     fi
   done
-  [ ${#pids[@]} -eq 0 ] || sleep 1
+  [ ${#pids[@]} -eq 0 ] || sleep "${POLL_SECONDS:-1}"
 done
 jx_info "all $total processes finished; logs in $LOG_DIR"

@@ -72,7 +72,7 @@ if [ -f "$LOG_DIR/latest.pid" ] && [ ! -f "$LOG_DIR/latest.rc" ]; then
     fi
     echo "$(hostname): stopping pid $old" >&2
     kill -TERM -- "-$old" 2>/dev/null || kill -TERM "$old" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$old" 2>/dev/null || break; sleep 1; done
+    for _ in $(seq 150); do kill -0 "$old" 2>/dev/null || break; sleep 0.2; done
     kill -KILL -- "-$old" 2>/dev/null || kill -KILL "$old" 2>/dev/null || true
   fi
 fi
