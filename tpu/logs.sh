@@ -47,9 +47,9 @@ log="$base.log"
 case $MODE in
   once) cmd="tail -n $LINES $log" ;;
   follow) cmd="tail -n $LINES -F $log" ;;
-  end) cmd="tail --pid=\"\$(cat $base.pid)\" -n $LINES -F $log" ;;
+  end) cmd="if [ -f $base.rc ]; then tail -n $LINES $log; else tail --pid=\"\$(cat $base.pid)\" -n $LINES -F $log; fi" ;;
 esac
-[ "$WORKER" != all ] || cmd+=" | sed -u \"s/^/[\$(hostname)] /\""
+[ "$WORKER" != all ] || cmd="{ $cmd; } | sed -u \"s/^/[\$(hostname)] /\""
 if [ "$MODE" = end ]; then
   cmd+="; rc=\$(cat $base.rc 2>/dev/null || echo unknown); echo \"jaxsae run ended on \$(hostname): exit status \$rc\""
   cmd+="; [ \"\$rc\" = 0 ] || exit 3"

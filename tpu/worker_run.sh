@@ -43,7 +43,6 @@ if [ "${JX_WORKER_CHILD:-0}" = 1 ]; then
   set +e
   "$@"
   rc=$?
-  echo "$rc" >"$rcf"
   echo "[$(date -u +%FT%TZ)] exit status $rc"
   if [ -n "$COPY_TO" ]; then
     dest="${COPY_TO%/}/$(hostname).log"
@@ -52,6 +51,7 @@ if [ "${JX_WORKER_CHILD:-0}" = 1 ]; then
       *) mkdir -p "$COPY_TO" && cp "$log" "$dest" ;;
     esac || echo "could not copy the log to $dest"
   fi
+  echo "$rc" >"$rcf" # last: a run with an .rc file has finished writing its log
   exit "$rc"
 fi
 
