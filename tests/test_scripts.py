@@ -233,3 +233,36 @@ def test_worker_run_detaches_and_records_the_status(tmp_path):
         for _ in range(100):
             os.kill(pid, 0)
             time.sleep(0.05)
+
+
+def test_launch_and_logs_against_a_one_worker_stand_in_for_gcloud(tmp_path):
+    """Not a dry run: a fake gcloud plays one worker whose home is tmp_path/home ('scp' copies there,
+    'ssh' runs --command with bash), so the remote commands themselves run."""
+    home = tmp_path / "home"
+    (home / "jaxsae").mkdir(parents=True)
+    (home / "jaxsae-venv" / "bin").mkdir(parents=True)
+    py = home / "jaxsae-venv" / "bin" / "python"
+    py.write_text('#!/usr/bin/env bash\necho "cwd=$(basename "$PWD") dist=$JAXSAE_DISTRIBUTED args=$*"\n'
+                  'grep -q "^name: gemma-2-2b-topk-k40" "$4"\n')  # $4: the config copied to the worker
+    py.chmod(0o755)
+    gcloud = tmp_path / "gcloud"
+    gcloud.write_text('#!/usr/bin/env bash\nset -e\n'
+                      'echo "$*" >> "$HOME/../gcloud.log"\n'
+                      'if [ "$4" = scp ]; then cp -r "$6" "$HOME/"; exit; fi\n'
+                      'for a; do case $a in --command=*) cd "$HOME"; exec bash -c "${a#--command=}";; esac; done\n')
+    gcloud.chmod(0o755)
+    env = {"NAME": "x", "ZONE": "y", "GCLOUD": str(gcloud), "HOME": str(home)}
+    r = run("launch.sh", "--config", CONFIG, "--run-dir", "runs/r", "--set", "mesh.data=4", "--tag", "t", **env)
+    assert r.returncode == 0, r.stderr
+    for _ in range(100):  # the run is detached: wait for it to end
+        if (home / "jaxsae-logs" / "t.rc").exists():
+            break
+        time.sleep(0.05)
+    r = run("logs.sh", "--until-done", **env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("cwd=jaxsae dist=auto args=-m jaxsae.train --config "
+                               f"{home}/jaxsae-launch/gemma-2-2b-topk-k40.yaml --run-dir runs/r --set mesh.data=4\n")
+    assert "exit status 0" in r.stdout
+    calls = (tmp_path / "gcloud.log").read_text().splitlines()
+    assert [c.split()[3] for c in calls] == ["scp", "ssh", "ssh"]
+    assert all("--worker=all" in c.split() for c in calls[:2]) and "--worker=0" in calls[2].split()
