@@ -25,7 +25,9 @@ CONFIG = "configs/gemma-2-2b-topk-k40.yaml"
 def run(script: str, *args: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items()
             if k not in {"NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "QUEUED", "SPOT",
-                         "PREEMPTIBLE", "DRY_RUN", "YES", "HF_TOKEN", "CONFIG", "RUN_DIR", "GCLOUD"}}
+                         "PREEMPTIBLE", "DRY_RUN", "YES", "HF_TOKEN", "CONFIG", "RUN_DIR", "GCLOUD", "REF",
+                         "GIT_URL", "EXTRAS", "JAX_TPU_FIND_LINKS", "REMOTE_DIR", "REMOTE_VENV", "REMOTE_LOGS",
+                         "REMOTE_LAUNCH", "POLL_SECONDS"}}
     return subprocess.run(["bash", str(TPU / script), *args], cwd=ROOT, input=stdin, capture_output=True,
                           text=True, env={**base, **env}, timeout=30)
 

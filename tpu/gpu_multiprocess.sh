@@ -29,6 +29,8 @@ the script waits for all and, when one fails, stops the others it started and ex
 Environment: DRY_RUN, POLL_SECONDS (how often to check the processes, default 1).
 
 Every process must reach the same run dir: on several hosts use gs://... or a shared filesystem.
+Stopping this script stops the processes it started here and the ssh sessions; a remote process can
+outlive its session (check with ssh HOST pgrep -af jaxsae.train).
 SLURM: skip this script; give each task one GPU and let JAX read the allocation:
   srun --nodes=2 --ntasks-per-node=8 --gpus-per-task=1 \\
     env JAXSAE_DISTRIBUTED=auto python -m jaxsae.train --config CONFIG --run-dir RUN_DIR

@@ -52,7 +52,8 @@ upload=()
 if [ -z "$GIT_URL" ]; then
   REF=${REF:-HEAD}
   git -C "$JX_REPO_ROOT" rev-parse --verify --quiet "$REF^{commit}" >/dev/null ||
-    jx_die "REF=$REF is not a commit of this checkout: pass --ref with a branch, tag or commit"
+    jx_die "REF=$REF is not a commit of a git checkout at $JX_REPO_ROOT: pass --ref with a branch, tag or" \
+      "commit, or --git URL to clone on the workers"
   if [ -n "$(git -C "$JX_REPO_ROOT" status --porcelain --untracked-files=no)" ]; then
     jx_info "warning: uncommitted changes are not shipped; commit them to run them"
   fi
