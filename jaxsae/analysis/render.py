@@ -53,7 +53,9 @@ def page_name(feature: int, fmt: str) -> str:
 
 
 def _density(p: FeaturePage) -> str:
-    return f"{p.density:.3g} ({p.fired:,} of {p.n_tokens:,} tokens)" if p.fired else f"0 (never fired in {p.n_tokens:,} tokens)"
+    if not p.fired:
+        return f"0 (never fired in {p.n_tokens:,} tokens)"
+    return f"{p.density:.3g} ({p.fired:,} of {p.n_tokens:,} tokens)"
 
 
 # ------------------------------------------------------------------------------------ markdown
