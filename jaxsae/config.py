@@ -106,6 +106,10 @@ class FinetuneCfg:
     kl_share: float = 0.5  # loss = (1 - s) MSE + s beta KL; s = 1/2 is the paper's
     l1_controller: bool | None = None  # hold L0 by nudging the L1 coefficient; None = on for ReLU SAEs
     seed: int = 0
+    # Start from a saved SAE instead of the mse phase (phases: [finetune]): a jaxsae run or checkpoint
+    # directory, a SAELens directory or a dictionary_learning ae.pt; its kind, d_sae and k replace sae.*'s.
+    init_from: str = ""
+    init_format: str = ""  # jaxsae | saelens | dictionary_learning; "" = detected from the files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,8 +299,14 @@ def check_static(cfg: RunConfig) -> None:
     bad = [p for p in cfg.phases if p not in PHASES]
     need(not bad, f"phases: {bad[0] if bad else ''!r} is not a phase; choose from {', '.join(PHASES)}")
     need(bool(cfg.phases), "phases is empty: list at least one of mse, finetune, e2e")
-    need("finetune" not in cfg.phases or "mse" in cfg.phases,
-         "phases: finetune continues from the mse phase; list mse before it")
+    init = cfg.finetune.init_from
+    need("finetune" not in cfg.phases or "mse" in cfg.phases or bool(init),
+         "phases: finetune continues from the mse phase; list mse before it, or set finetune.init_from to a saved SAE")
+    need(not (init and "mse" in cfg.phases),
+         "finetune.init_from replaces the mse phase: set phases: [finetune] (or drop finetune.init_from)")
+    need(cfg.finetune.init_format in ("", "jaxsae", "saelens", "dictionary_learning"),
+         f"finetune.init_format={cfg.finetune.init_format!r}: choose jaxsae, saelens, dictionary_learning or ''")
+    need(not init or Path(init).exists(), f"finetune.init_from={init} does not exist: point it at an SAE directory")
     for sec in ("finetune", "e2e"):
         c = getattr(cfg, sec)
         need(c.batch_sequences > 0, f"{sec}.batch_sequences={c.batch_sequences} must be positive")

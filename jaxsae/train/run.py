@@ -34,6 +34,7 @@ class Context:
     remote: str | None = None  # a gs://... run directory: checkpoints and store live there, files are copied up
     lm: object = None
     store: object = None
+    init: object = None  # the LoadedSAE of finetune.init_from, if set
 
     def checkpointer(self, phase: str) -> Checkpointer:
         root = self.cfg.checkpoint.dir.rstrip("/") or f"{self.remote or self.run_dir}/checkpoints"
@@ -97,9 +98,18 @@ def prepare(cfg: C.RunConfig, run_dir) -> Context:
         if layer != cfg.hook.layer:
             raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
                                 f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
+    sae_cfg, init = C.sae_config(cfg, mcfg.d_model), None
+    if cfg.finetune.init_from:
+        from jaxsae.interop import load_init
+
+        try:
+            init = load_init(cfg.finetune.init_from, cfg.finetune.init_format, sae_cfg, cfg.hook.layer)
+        except (ValueError, FileNotFoundError) as e:
+            raise C.ConfigError(str(e)) from e
+        sae_cfg = init.cfg
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(cfg, run_dir, model_path, store_path, C.sae_config(cfg, mcfg.d_model),
-                  MetricsLog(run_dir / "metrics.jsonl", enabled=is_main()), mcfg, mesh, remote)
+    ctx = Context(cfg, run_dir, model_path, store_path, sae_cfg,
+                  MetricsLog(run_dir / "metrics.jsonl", enabled=is_main()), mcfg, mesh, remote, init=init)
     sync_remote(ctx, down=True)  # a resumed pod run continues the metrics written before
     if is_main():
         (run_dir / "config.yaml").write_text(C.dump(cfg))
@@ -274,16 +284,23 @@ def run(cfg: C.RunConfig, run_dir) -> dict:
     ctx = prepare(cfg, run_dir)
     ctx.lm = load_lm(ctx.model_path, cfg.model.dtype, shardings=ctx.lm_shardings())
     collect_store(ctx)
-    results = {}
+    results, start = {}, None
     if "mse" in cfg.phases:
         t0 = time.time()
         state = mse_phase(ctx)
         results["mse"] = evaluate_phase(ctx, "mse", state["params"], time.time() - t0, cfg.mse.tokens)
-        if "finetune" in cfg.phases:
-            t0 = time.time()
-            ft = kl_phase(ctx, "finetune", state["params"], state["dead"], l0_target=results["mse"]["l0"])
-            results["finetune"] = evaluate_phase(ctx, "finetune", ft["params"], time.time() - t0,
-                                                 cfg.finetune.tokens)
+        start = (state["params"], state["dead"], results["mse"]["l0"])
+    elif ctx.init is not None:
+        # finetune.init_from: the saved SAE, re-expressed for this store's scale, is the starting point
+        from jaxsae.interop import to_scale
+
+        params = to_scale(ctx.init, ctx.store.scale)
+        results["init"] = evaluate_phase(ctx, "init", params, 0.0, 0)
+        start = (params, np.zeros(ctx.sae_cfg.d_sae, np.int32), results["init"]["l0"])
+    if "finetune" in cfg.phases:
+        t0 = time.time()
+        ft = kl_phase(ctx, "finetune", start[0], start[1], l0_target=start[2])
+        results["finetune"] = evaluate_phase(ctx, "finetune", ft["params"], time.time() - t0, cfg.finetune.tokens)
     if "e2e" in cfg.phases:
         t0 = time.time()
         e2e = kl_phase(ctx, "e2e")
