@@ -29,11 +29,17 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def baseline(ev: dict) -> str | None:
+    """The phase a fine-tune starts from: the MSE SAE, or an imported one (`init`)."""
+    return next((p for p in ("mse", "init") if p in ev), None)
+
+
 def gap_closed(ev: dict, phase: str) -> float | None:
-    """Fraction of the MSE SAE's CE gap that `phase` removes."""
-    if "mse" not in ev or phase not in ev or ev["mse"]["ce_gap"] <= 0:
+    """Fraction of the starting SAE's (MSE-trained or imported) CE gap that `phase` removes."""
+    base = baseline(ev)
+    if base is None or phase not in ev or phase == base or ev[base]["ce_gap"] <= 0:
         return None
-    return 1.0 - ev[phase]["ce_gap"] / ev["mse"]["ce_gap"]
+    return 1.0 - ev[phase]["ce_gap"] / ev[base]["ce_gap"]
 
 
 def markdown(run_dir: Path) -> str:
@@ -48,7 +54,11 @@ def markdown(run_dir: Path) -> str:
     for phase, key in (("finetune", "gap_reduction_finetune"), ("e2e", "gap_reduction_e2e")):
         g = gap_closed(ev, phase)
         if g is not None:
-            lines.append(f"| CE gap closed by {phase} (vs the MSE SAE) | {100 * g:.1f}% | {PAPER[key]} |")
+            what = "the MSE SAE" if baseline(ev) == "mse" else "the imported SAE"
+            lines.append(f"| CE gap closed by {phase} (vs {what}) | {100 * g:.1f}% | {PAPER[key]} |")
+    if "finetune" in ev and "init" in ev:
+        lines.append(f"| L0 before / after the fine-tune | {ev['init']['l0']:.1f} / {ev['finetune']['l0']:.1f} | "
+                     "kept |")
     if "finetune" in ev and "mse" in ev:
         share = ev["finetune"]["phase_tokens"] / (ev["finetune"]["phase_tokens"] + ev["mse"]["phase_tokens"])
         lines.append(f"| fine-tune share of the tokens | {100 * share:.1f}% | {PAPER['finetune_share']} |")
@@ -68,7 +78,7 @@ def plot(run_dir: Path) -> None:
     rows = _metrics(run_dir)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     offset = {"mse": 0, "finetune": ev.get("mse", {}).get("phase_tokens", 0), "e2e": 0}
-    colors = {"mse": "tab:blue", "finetune": "tab:red", "e2e": "tab:green"}
+    colors = {"mse": "tab:blue", "init": "tab:purple", "finetune": "tab:red", "e2e": "tab:green"}
     for phase in ("mse", "finetune", "e2e"):
         pr = [r for r in rows if r["phase"] == phase and "train/mse" in r]
         if pr:
@@ -89,7 +99,7 @@ def plot(run_dir: Path) -> None:
     bars = ax3.bar(phases, gaps, color=[colors.get(p, "gray") for p in phases])
     for b, p in zip(bars, phases):
         g = gap_closed(ev, p)
-        label = f"{ev[p]['ce_gap']:.3f}" + (f"\n({100 * g:.0f}% closed)" if g is not None and p != "mse" else "")
+        label = f"{ev[p]['ce_gap']:.3f}" + (f"\n({100 * g:.0f}% closed)" if g is not None else "")
         ax3.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=9)
     ax3.set(ylabel="CE spliced - CE clean (nats)", title="CE gap on held-out text")
     ax3.margins(y=0.25)

@@ -41,7 +41,7 @@ def lm():
 def run_dir(lm, tmp_path_factory) -> Path:
     """config.yaml + checkpoints/mse/7 of a random TopK SAE whose encoder bias spreads the densities."""
     from jaxsae.checkpoint import Checkpointer
-    from jaxsae.data.store import collect
+    from jaxsae.data.collect import collect
     from jaxsae.data.text import make_source
     from jaxsae.sae import init_sae
 

@@ -230,7 +230,7 @@ def open_store(path: PathLike, *, allow_incomplete: bool = False) -> ActivationS
         has_array = kv.read(ARRAY_DIR + "zarr.json").result().state == "value"
         why = ("it has an activations array but no metadata: the metadata was lost, or collection was "
                "killed before it wrote any; re-run collection with the same config to rebuild it"
-               if has_array else "create one with jaxsae.data.store.collect(...)")
+               if has_array else "create one with jaxsae.data.collect.collect(...) or python -m jaxsae.train")
         raise StoreError(f"no activation store at {kv.url}: {META_KEY} is missing; {why}")
     array = _open_array(kv, meta)
     if not meta["complete"] and not allow_incomplete:
