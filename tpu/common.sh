@@ -136,6 +136,13 @@ jx_common_flag() {
 }
 
 # Normalise the boolean settings to 0/1 so that scripts can test "= 1".
+# Normalised settings plus the two every TPU command needs.
+jx_require_tpu() {
+  jx_normalise
+  jx_require NAME --name my-tpu
+  jx_require ZONE --zone us-central2-b
+}
+
 jx_normalise() {
   local v
   for v in QUEUED SPOT PREEMPTIBLE DRY_RUN YES; do

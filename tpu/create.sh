@@ -29,9 +29,7 @@ while [ $# -gt 0 ]; do
     *) jx_common_flag "$@" || jx_usage_error "unknown argument: $1"; shift "$JX_SHIFT" ;;
   esac
 done
-jx_normalise
-jx_require NAME --name my-tpu
-jx_require ZONE --zone us-central2-b
+jx_require_tpu
 jx_require ACCELERATOR_TYPE --accelerator-type v4-32
 [ -n "$RUNTIME_VERSION" ] || RUNTIME_VERSION=$(jx_default_runtime)
 [ "$SPOT" = 1 ] && [ "$PREEMPTIBLE" = 1 ] && jx_die "SPOT and PREEMPTIBLE are exclusive: pick one"

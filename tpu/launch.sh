@@ -56,9 +56,7 @@ while [ $# -gt 0 ]; do
     *) jx_common_flag "$@" || jx_usage_error "unknown argument: $1"; shift "$JX_SHIFT" ;;
   esac
 done
-jx_normalise
-jx_require NAME --name my-tpu
-jx_require ZONE --zone us-central2-b
+jx_require_tpu
 [ -n "$CONFIG" ] || [ -n "$REMOTE_CONFIG" ] ||
   jx_die "no config: pass --config configs/NAME.yaml (or a gs:// URI), or --remote-config PATH on the workers"
 [ -z "$CONFIG" ] || [ -z "$REMOTE_CONFIG" ] || jx_die "pass either --config or --remote-config, not both"

@@ -35,9 +35,7 @@ while [ $# -gt 0 ]; do
     *) jx_common_flag "$@" || jx_usage_error "unknown argument: $1"; shift "$JX_SHIFT" ;;
   esac
 done
-jx_normalise
-jx_require NAME --name my-tpu
-jx_require ZONE --zone us-central2-b
+jx_require_tpu
 [[ $WORKER == all || $WORKER =~ ^[0-9]+$ ]] || jx_usage_error "--worker $WORKER: expected a worker index or all"
 [[ $LINES =~ ^[0-9]+$ ]] || jx_usage_error "--lines $LINES: expected a number"
 jx_need_gcloud

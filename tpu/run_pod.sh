@@ -41,9 +41,7 @@ while [ $# -gt 0 ]; do
     *) jx_common_flag "$@" || jx_usage_error "unknown argument: $1"; shift "$JX_SHIFT" ;;
   esac
 done
-jx_normalise
-jx_require NAME --name my-tpu
-jx_require ZONE --zone us-central2-b
+jx_require_tpu
 [ "$CREATE" = 0 ] || jx_require ACCELERATOR_TYPE --accelerator-type v4-32
 [ ${#launch_args[@]} -gt 0 ] || jx_die "nothing to launch: pass --config FILE and --run-dir gs://BUCKET/DIR"
 jx_need_gcloud

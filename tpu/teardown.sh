@@ -24,9 +24,7 @@ while [ $# -gt 0 ]; do
     *) jx_common_flag "$@" || jx_usage_error "unknown argument: $1"; shift "$JX_SHIFT" ;;
   esac
 done
-jx_normalise
-jx_require NAME --name my-tpu
-jx_require ZONE --zone us-central2-b
+jx_require_tpu
 jx_need_gcloud
 
 what="TPU VM $NAME"
