@@ -7,6 +7,7 @@ an existing store built from another model or layer) runs before a single weight
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +89,9 @@ def prepare(cfg: C.RunConfig, run_dir) -> Context:
     C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     data, model = C.check_mesh(cfg, jax.device_count(), jax.process_count())
     mesh = make_mesh(data, model, jax.devices()[:data * model])
+    if model > 1 and cfg.model.lm_sharding == "replicated" and {"finetune", "e2e"} & set(cfg.phases) and is_main():
+        print(f"warning: mesh.model={model} with a replicated LM repeats the LM's forward passes on each of the "
+              f"{model} devices of a model row; model.lm_sharding=tensor splits that work", file=sys.stderr)
     store_path = cfg.store.path or f"{remote or run_dir}/store"
     meta = read_meta(store_path) if (cfg.store.path or remote or (run_dir / "store").exists()) else None
     if meta is not None:
