@@ -50,6 +50,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": None,
     "head_dim": None,
     "mlp": None,
+    "lora_rank": None,  # adapter and LoRA factors (jaxsae.train.adapters): tiny, replicated
 }
 
 # The LM switch (`lm_sharding`): entries that override RULES for the LM's params.
