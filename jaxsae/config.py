@@ -114,6 +114,7 @@ class AdapterCfg:
     kind: str = "output"  # lm_lora | sae_lora | output | output_mlp
     rank: int | None = 16  # 0 or null = full rank (d_model); LoRA alpha = rank
     lm_layers: str = "all"  # lm_lora: all blocks, or only those after the hook
+    loss: str = "auto"  # kl | kl_mse (the fine-tune's balance) | auto: kl for lm_lora, else kl_mse
     tokens: int = 25_000_000
     batch_sequences: int = 8
     lr: float = 5e-5
@@ -314,13 +315,15 @@ def check_static(cfg: RunConfig) -> None:
 
 
 def check_adapter(cfg: RunConfig, d_model: int | None = None) -> None:
-    from jaxsae.train.adapters import KINDS, LM_LAYERS
+    from jaxsae.train.adapters import KINDS, LM_LAYERS, LOSSES
 
     a = cfg.adapter
     if a.kind not in KINDS:
         raise ConfigError(f"adapter.kind={a.kind!r} is not an adapter; choose from {', '.join(KINDS)}")
     if a.lm_layers not in LM_LAYERS:
         raise ConfigError(f"adapter.lm_layers={a.lm_layers!r}: use all or after")
+    if a.loss not in LOSSES:
+        raise ConfigError(f"adapter.loss={a.loss!r}: use {', '.join(LOSSES)}")
     if a.rank is not None and a.rank < 0:
         raise ConfigError(f"adapter.rank={a.rank} must be >= 0 (0 or null = full rank)")
     if d_model is not None and (a.rank or 0) > d_model:

@@ -180,6 +180,7 @@ def test_evaluate_with_adapter_equals_manual(lm, sae, kind, rank, lm_layers):
 @pytest.mark.parametrize("override,needle", [
     (["adapter.kind=prefix"], "adapter.kind='prefix' is not an adapter"),
     (["adapter.lm_layers=some"], "adapter.lm_layers='some'"),
+    (["adapter.loss=ce"], "adapter.loss='ce'"),
     (["adapter.rank=-1"], "adapter.rank=-1"),
     (["adapter.tokens=10"], "adapter.tokens=10 is less than one batch"),
     (["phases=[adapter]"], "list mse before it"),

@@ -8,6 +8,7 @@ says what the spliced branch runs. The clean branch always runs the original LM:
     sae_lora    W_enc' = W_enc + (α/r)·A@B and the same for W_dec; base SAE frozen; the fine-tune's KL+MSE
     output      x̂' = x̂ + U·D·x̂ on the SAE's (normalised) output; SAE frozen; KL+MSE on x̂'
     output_mlp  x̂' = x̂ + U·relu(D·x̂)
+The config's adapter.loss (kl | kl_mse) overrides these losses; kl drops the MSE and sparsity terms.
 
 α = r (scale 1). A and D start random, B and U at zero, so every method starts exactly at the base model.
 Merging A@B into the weight inside the step leaves the LM's and the SAE's forward code untouched.
@@ -28,6 +29,7 @@ from flax import traverse_util
 
 KINDS = ("lm_lora", "sae_lora", "output", "output_mlp")
 LM_LAYERS = ("all", "after")
+LOSSES = ("auto", "kl", "kl_mse")  # auto: KL for lm_lora, the fine-tune's KL+MSE for the SAE-side methods
 
 
 class Composition(NamedTuple):
@@ -72,8 +74,8 @@ class LMLoRA:
     hook_layer: int
     rank: int
     alpha: float
+    kl_only: bool = True  # the SAE is frozen and the MSE target moves with the LM: the KL is what counts
     kind = "lm_lora"
-    kl_only = True  # the SAE is frozen and the LM's own MSE target moves with it: only the KL means anything
     sae_trains = False
 
     def _targets(self, lm_params, lm_axes):
@@ -114,8 +116,8 @@ class SAELoRA:
 
     rank: int
     alpha: float
+    kl_only: bool = False
     kind = "sae_lora"
-    kl_only = False
     sae_trains = True  # the effective SAE changes: its sparsity / AuxK terms stay in the loss
 
     def init(self, key, sae_params, lm_params=None, lm_axes=None) -> tuple[dict, dict]:
@@ -137,7 +139,7 @@ class OutputAdapter:
     d_model: int
     rank: int
     mlp: bool = False
-    kl_only = False
+    kl_only: bool = False
     sae_trains = False
 
     @property
@@ -161,14 +163,15 @@ class OutputAdapter:
 
 
 def make_adapter(kind: str, rank: int | None, d_model: int, hook_layer: int, n_layers: int,
-                 lm_layers: str = "all"):
+                 lm_layers: str = "all", loss: str = "auto"):
     """The compose object for the `adapter:` config section. rank 0 / None = full rank (d_model)."""
-    assert kind in KINDS and lm_layers in LM_LAYERS, (kind, lm_layers)
+    assert kind in KINDS and lm_layers in LM_LAYERS and loss in LOSSES, (kind, lm_layers, loss)
     r = rank or d_model
+    kl_only = kind == "lm_lora" if loss == "auto" else loss == "kl"
     if kind == "lm_lora":
         layers = tuple(range(n_layers)) if lm_layers == "all" else tuple(range(hook_layer + 1, n_layers))
         assert layers, "lm_layers='after' with the hook at the last block adapts nothing"
-        return LMLoRA(layers, hook_layer, r, float(r))
+        return LMLoRA(layers, hook_layer, r, float(r), kl_only)
     if kind == "sae_lora":
-        return SAELoRA(r, float(r))
-    return OutputAdapter(d_model, r, mlp=kind == "output_mlp")
+        return SAELoRA(r, float(r), kl_only)
+    return OutputAdapter(d_model, r, kind == "output_mlp", kl_only)

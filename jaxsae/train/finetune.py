@@ -110,7 +110,7 @@ def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, sched
         out = aux["out"]
         if compose is None:
             params, dead = post_update(sae_cfg, params, state["dead"], out, tokens.size)
-        else:  # the SAE is frozen: only count which latents fire
+        else:  # the base SAE is frozen: only count which latents fire
             dead = update_dead_counter(state["dead"], out.fired, tokens.size)
         l1 = state["l1"]
         if l1_controller:

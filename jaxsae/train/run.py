@@ -158,7 +158,7 @@ def adapter_of(ctx: Context):
     from jaxsae.train.adapters import make_adapter
 
     a = ctx.cfg.adapter
-    return make_adapter(a.kind, a.rank, ctx.lm.d_model, ctx.cfg.hook.layer, ctx.lm.n_layers, a.lm_layers)
+    return make_adapter(a.kind, a.rank, ctx.lm.d_model, ctx.cfg.hook.layer, ctx.lm.n_layers, a.lm_layers, a.loss)
 
 
 def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_target: float = 0.0) -> dict:
@@ -200,7 +200,7 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     start = ckpt.latest_step() or 0
     if start and phase == "adapter":
         saved = ckpt.restore_meta().get("adapter", {})
-        for k in ("kind", "rank", "lm_layers"):
+        for k in ("kind", "rank", "lm_layers", "loss"):
             if saved.get(k) != getattr(cfg.adapter, k):
                 raise C.ConfigError(f"{ckpt.directory} holds an adapter with {k}={saved.get(k)!r}, but the config "
                                     f"says adapter.{k}={getattr(cfg.adapter, k)!r}: use a new --run-dir")
