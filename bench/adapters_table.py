@@ -19,6 +19,7 @@ METHODS = {
     "sae_lora_r64": ("LoRA on the SAE, rank 64", "~77% of the fine-tune's gain"),
     "output_r16": ("output adapter, rank 16", "-24% (60% of the fine-tune's -40%)"),
     "output_full": ("output adapter, full rank", "-30% (75% of the fine-tune's -40%)"),
+    "output_full_kl": ("output adapter, full rank, KL-only loss", "not reported"),
     "output_mlp_r16": ("output MLP adapter, rank 16", "not reported"),
     "lm_lora_all_r16": ("LoRA on all LM blocks, rank 16 (KL only)", "about the fine-tune's"),
     "lm_lora_after_r16": ("LoRA on the LM blocks after the hook, rank 16", "not reported"),
@@ -41,11 +42,11 @@ def main() -> None:
             runs.setdefault(method, []).append((float(lr), ev["adapter"]))
 
     def row(label, gap, fve, paper, lr=""):
-        red = 100 * (1 - gap / g_mse)
+        red = 100 * (gap / g_mse - 1)
         share = 100 * (g_mse - gap) / (g_mse - g_ft)
         return f"| {label} | {lr} | {gap:.4f} | {red:+.1f}% | {share:.0f}% | {fve:.3f} | {paper} |"
 
-    head = ["| method | lr | CE gap | vs MSE SAE | share of fine-tune gain | FVE | paper |",
+    head = ["| method | lr | CE gap | gap change vs MSE SAE | share of fine-tune gain | FVE | paper |",
             "|---|---|---|---|---|---|---|"]
     lines = head + [row("MSE SAE (base)", g_mse, base["mse"]["fve"], "", ""),
                     row("SAE fine-tune (KL+MSE)", g_ft, base["finetune"]["fve"], "-40% (Pythia-160M: -31%)", "3e-3")]

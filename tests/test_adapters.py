@@ -197,3 +197,38 @@ def test_rank_over_d_model_is_a_config_error():
     with pytest.raises(C.ConfigError, match="adapter.rank=200 is over d_model=128"):
         C.check_against_model(cfg, 4, 128)
     C.check_against_model(C.load_config(None, ["phases=[mse, adapter]", "adapter.rank=0"]), 4, 128)
+
+
+@pytest.mark.slow
+def test_adapter_phase_resumes_exactly(tmp_path, monkeypatch):
+    """A run killed mid-way through the adapter phase resumes from its checkpoint to the same adapter and
+    evaluation as an uninterrupted run (tiny shipped-model run: store, MSE SAE, 8 adapter steps)."""
+    from jaxsae.checkpoint import Checkpointer
+    from jaxsae.train import loop as L
+    from jaxsae.train.run import run
+
+    cfg = C.load_config(None, [
+        "phases=[mse, adapter]", "hook.layer=2", "data.context=32", "store.tokens=8192", "store.batch_contexts=16",
+        "sae.d_sae=256", "sae.k=8", "mse.tokens=8192", "mse.batch_size=512", "mse.warmup_steps=2",
+        "adapter.kind=output_mlp", "adapter.rank=8", "adapter.tokens=2048", "adapter.lr=1e-2",
+        "checkpoint.every_steps=4", "eval.sequences=8"])
+    whole = run(cfg, tmp_path / "whole")
+
+    after_step = L.PhaseLoop.after_step
+
+    def killed_at_6(self, step, *a):
+        after_step(self, step, *a)
+        if self.phase == "adapter" and step == 6:
+            self.ckpt.wait()
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(L.PhaseLoop, "after_step", killed_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(L.PhaseLoop, "after_step", after_step)
+    resumed = run(cfg, tmp_path / "resumed")
+    assert resumed["adapter"]["ce_spliced"] == whole["adapter"]["ce_spliced"]
+    a, _ = Checkpointer(tmp_path / "whole" / "checkpoints" / "adapter").restore_raw(8)
+    b, _ = Checkpointer(tmp_path / "resumed" / "checkpoints" / "adapter").restore_raw(8)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not np.any(np.asarray(a["params"]["U"]) == 0) and "frozen" in a
