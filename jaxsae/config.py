@@ -122,7 +122,22 @@ class E2ECfg:
     seed: int = 0
 
 
-PHASES = ("mse", "finetune", "e2e")
+@dataclasses.dataclass(frozen=True)
+class AdapterCfg:
+    """An adapter trained around the frozen SAE (paper, "Adapters"; jaxsae.train.adapters). After mse
+    alone it wraps the MSE SAE; listed after finetune it wraps the fine-tuned one. Same window as the fine-tune."""
+
+    kind: str = "output"  # lm_lora | sae_lora | output | output_mlp
+    rank: int | None = 16  # 0 or null = full rank (d_model); LoRA alpha = rank
+    lm_layers: str = "all"  # lm_lora: all blocks, or only those after the hook
+    loss: str = "auto"  # kl | kl_mse (the fine-tune's balance) | auto: kl for lm_lora, else kl_mse
+    tokens: int = 25_000_000
+    batch_sequences: int = 8
+    lr: float = 5e-5
+    seed: int = 0
+
+
+PHASES = ("mse", "finetune", "e2e", "adapter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +166,7 @@ class RunConfig:
     mse: MSECfg = MSECfg()
     finetune: FinetuneCfg = FinetuneCfg()
     e2e: E2ECfg = E2ECfg()
+    adapter: AdapterCfg = AdapterCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     eval: EvalCfg = EvalCfg()
 
@@ -307,6 +323,9 @@ def check_static(cfg: RunConfig) -> None:
     need(cfg.finetune.init_format in ("", "jaxsae", "saelens", "dictionary_learning"),
          f"finetune.init_format={cfg.finetune.init_format!r}: choose jaxsae, saelens, dictionary_learning or ''")
     need(not init or Path(init).exists(), f"finetune.init_from={init} does not exist: point it at an SAE directory")
+    need("adapter" not in cfg.phases or "mse" in cfg.phases,
+         "phases: adapter wraps the SAE of the mse (or finetune) phase; list mse before it")
+    check_adapter(cfg)
     for sec in ("finetune", "e2e"):
         c = getattr(cfg, sec)
         need(c.batch_sequences > 0, f"{sec}.batch_sequences={c.batch_sequences} must be positive")
@@ -327,6 +346,29 @@ def check_static(cfg: RunConfig) -> None:
     sae_config(cfg, d_model=1)  # kind, k <= d_sae, penalties (d_model is checked once the model is known)
 
 
+def check_adapter(cfg: RunConfig, d_model: int | None = None) -> None:
+    from jaxsae.train.adapters import KINDS, LM_LAYERS, LOSSES
+
+    a = cfg.adapter
+    if a.kind not in KINDS:
+        raise ConfigError(f"adapter.kind={a.kind!r} is not an adapter; choose from {', '.join(KINDS)}")
+    if a.lm_layers not in LM_LAYERS:
+        raise ConfigError(f"adapter.lm_layers={a.lm_layers!r}: use all or after")
+    if a.loss not in LOSSES:
+        raise ConfigError(f"adapter.loss={a.loss!r}: use {', '.join(LOSSES)}")
+    if a.rank is not None and a.rank < 0:
+        raise ConfigError(f"adapter.rank={a.rank} must be >= 0 (0 or null = full rank)")
+    if d_model is not None and (a.rank or 0) > d_model:
+        raise ConfigError(f"adapter.rank={a.rank} is over d_model={d_model}: use at most {d_model} (or 0 = full rank)")
+    if "adapter" in cfg.phases:
+        if a.batch_sequences <= 0 or a.lr <= 0:
+            raise ConfigError(f"adapter.batch_sequences={a.batch_sequences} and adapter.lr={a.lr} must be positive")
+        per = a.batch_sequences * cfg.data.context
+        if a.tokens < per:
+            raise ConfigError(f"adapter.tokens={a.tokens} is less than one batch ({a.batch_sequences} x "
+                              f"{cfg.data.context} tokens): raise it or drop the adapter phase")
+
+
 def sae_config(cfg: RunConfig, d_model: int):
     """The SAE's own config (jaxsae.sae.SAEConfig) with d_model filled in from the model."""
     from jaxsae.sae import SAEConfig
@@ -341,6 +383,10 @@ def check_against_model(cfg: RunConfig, n_layers: int, d_model: int) -> None:
     if not 0 <= cfg.hook.layer < n_layers:
         raise ConfigError(f"hook.layer={cfg.hook.layer} is out of range for a {n_layers}-layer model: "
                           f"choose 0..{n_layers - 1}")
+    if "adapter" in cfg.phases and cfg.adapter.kind == "lm_lora" and cfg.adapter.lm_layers == "after" \
+            and cfg.hook.layer == n_layers - 1:
+        raise ConfigError("adapter.lm_layers=after adapts nothing with the hook after the last block: use all")
+    check_adapter(cfg, d_model)
     sae_config(cfg, d_model)
 
 

@@ -11,6 +11,10 @@ Metrics (the paper's, see PAPER.md "Metrics"):
 Positions: position 0 of a packed context is excluded unless `include_first_position`; it is neither
 spliced nor counted, the same rule as the MSE and the KL in training. Activations enter the SAE divided
 by the store's normalisation scale and leave multiplied by it.
+
+With an adapter (`compose`, `trainable` from `jaxsae.train.adapters`) the spliced branch is the adapted
+model: the adapted LM (its own prefix when adapted before the hook), the adapted SAE, the output map on x̂;
+the clean and zero-ablated branches run the original LM, and FVE etc. compare x̂' with the spliced residual.
 """
 
 from __future__ import annotations
@@ -48,23 +52,35 @@ def kl_per_token(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Arra
     return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
-def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool):
-    """A jit-compiled function (lm_params, sae_params, tokens) -> dict of sums for one batch.
+def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool, compose=None):
+    """A jit-compiled function (lm_params, sae_params, tokens, trainable=None) -> dict of sums for one batch.
 
-    The prefix up to the hook runs once; the three suffixes (clean, spliced, zero) run as one batch.
+    The prefix up to the hook runs once; the three suffixes (clean, spliced, zero) run as one batch
+    (with an adapted LM, the spliced suffix runs on its own params).
     """
+    from jaxsae.train.adapters import identity_composition
 
-    def step(lm_params, sae_params, tokens):
+    def step(lm_params, sae_params, tokens, trainable=None):
+        comp = (identity_composition(sae_params, lm_params) if compose is None
+                else compose(trainable, sae_params, lm_params))
         mask = position_mask(tokens.shape, include_first)
-        x = lm.prefix(tokens, layer, params=lm_params)  # [b, t, D]
-        x_hat_n, out = sae_module.apply({"params": sae_params}, x / scale, train=False)
+        x0 = lm.prefix(tokens, layer, params=lm_params)  # [b, t, D], the original model's
+        x = lm.prefix(tokens, layer, params=comp.lm_params) if comp.rerun_prefix else x0
+        x_hat_n, out = sae_module.apply({"params": comp.sae_params}, x / scale, train=False)
+        if comp.out_map is not None:
+            x_hat_n = comp.out_map(x_hat_n)
         x_hat = x_hat_n * scale
         m3 = mask[..., None]
         spliced = jnp.where(m3, x_hat.astype(x.dtype), x)
-        zero = jnp.where(m3, jnp.zeros_like(x), x)
+        zero = jnp.where(m3, jnp.zeros_like(x0), x0)
         b = tokens.shape[0]
-        logits = lm.suffix(jnp.concatenate([x, spliced, zero]), layer, params=lm_params)
-        clean_l, spliced_l, zero_l = logits[:b], logits[b:2 * b], logits[2 * b:]
+        if comp.lm_params is lm_params:
+            logits = lm.suffix(jnp.concatenate([x0, spliced, zero]), layer, params=lm_params)
+            clean_l, spliced_l, zero_l = logits[:b], logits[b:2 * b], logits[2 * b:]
+        else:
+            logits = lm.suffix(jnp.concatenate([x0, zero]), layer, params=lm_params)
+            clean_l, zero_l = logits[:b], logits[b:]
+            spliced_l = lm.suffix(spliced, layer, params=comp.lm_params)
         ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
         kl = kl_per_token(clean_l, spliced_l)
         xf, xh = x.astype(jnp.float32), x_hat.astype(jnp.float32)
@@ -86,14 +102,16 @@ def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool
 
 
 def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: float,
-             include_first: bool = False, batch: int = 8, lm_params: Any = None) -> dict[str, float]:
-    """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required)."""
-    step = _cached_step(lm, sae_module, layer, float(scale), include_first)
+             include_first: bool = False, batch: int = 8, lm_params: Any = None, compose=None,
+             trainable: Any = None) -> dict[str, float]:
+    """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required).
+    compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`)."""
+    step = _cached_step(lm, sae_module, layer, float(scale), include_first, compose)
     lm_params = lm.params if lm_params is None else lm_params
     acc: dict[str, Any] = {}
     n_batches = max(1, len(tokens) // batch)
     for i in range(n_batches):
-        out = jax.device_get(step(lm_params, sae_params, jnp.asarray(tokens[i * batch:(i + 1) * batch])))
+        out = jax.device_get(step(lm_params, sae_params, jnp.asarray(tokens[i * batch:(i + 1) * batch]), trainable))
         for k, v in out.items():
             acc[k] = v if k not in acc else (acc[k] | v if k == "fired" else acc[k] + v)
     n, n_ce = float(acc["n"]), float(acc["n_ce"])
@@ -110,5 +128,5 @@ def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: 
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(lm, sae_module, layer, scale, include_first):
-    return make_eval_step(lm, sae_module, layer, scale, include_first)
+def _cached_step(lm, sae_module, layer, scale, include_first, compose):
+    return make_eval_step(lm, sae_module, layer, scale, include_first, compose)

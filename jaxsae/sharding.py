@@ -50,6 +50,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": None,
     "head_dim": None,
     "mlp": None,
+    "lora_rank": None,  # adapter and LoRA factors (jaxsae.train.adapters): tiny, replicated
 }
 
 # The LM switch (`lm_sharding`): entries that override RULES for the LM's params.
@@ -200,6 +201,14 @@ def sae_state_shardings(state: Mapping[str, Any], sae_cfg, mesh: Mesh, rules: Ma
     """
     from jaxsae.sae import sae_param_axes  # local: keep `import jaxsae.sharding` light
 
+    if "frozen" in state:
+        # an adapter phase: the frozen SAE is laid out like an SAE's params; the adapter's params and
+        # moments (low-rank or d_model-square: small) are replicated
+        rep = replicated(mesh)
+        base = sae_state_shardings({"params": state["frozen"], "dead": state["dead"]}, sae_cfg, mesh, rules)
+        out = {k: jax.tree.map(lambda _: rep, v) for k, v in state.items()}
+        out.update(frozen=base["params"], dead=base["dead"])
+        return out
     params = state["params"]
     axes = sae_param_axes(sae_cfg)
     if set(axes) != set(params):

@@ -197,14 +197,16 @@ def mse_phase(ctx: Context) -> dict:
     return state
 
 
-def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int) -> dict:
+def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int, trainable=None) -> dict:
+    """trainable: the adapter's params (phase `adapter`): the spliced model is evaluated with it."""
     from jaxsae.evaluate import evaluate
     from jaxsae.sae import make_sae
 
     cfg = ctx.cfg
     seqs = eval_sequences(cfg, ctx.lm.tokenizer)
     m = evaluate(ctx.lm, make_sae(ctx.sae_cfg), params, seqs, cfg.hook.layer, ctx.store.scale,
-                 include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences)
+                 include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences,
+                 compose=None if trainable is None else adapter_of(ctx), trainable=trainable)
     m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1))
     write_eval(ctx.run_dir, phase, m)
     sync_remote(ctx)
@@ -223,35 +225,57 @@ def window_sequences(ctx: Context, n_seqs: int, skip: int, seed: int, what: str)
     return seqs[np.random.default_rng(seed).permutation(len(seqs))]
 
 
+def adapter_of(ctx: Context):
+    from jaxsae.train.adapters import make_adapter
+
+    a = ctx.cfg.adapter
+    return make_adapter(a.kind, a.rank, ctx.lm.d_model, ctx.cfg.hook.layer, ctx.lm.n_layers, a.lm_layers, a.loss)
+
+
 def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_target: float = 0.0) -> dict:
     """The KL+MSE step over token sequences: `finetune` continues the MSE SAE over a short window with
-    lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline)."""
+    lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline);
+    `adapter` trains an adapter around the frozen start SAE over the fine-tune's window (its state's
+    `params` are the adapter's, `frozen` the SAE)."""
     from jaxsae.sae import init_sae, make_sae
     from jaxsae.sharding import abstract_with, batch_from_global, batch_sharding, sae_state_shardings, shard
     from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
-    pc = cfg.finetune if phase == "finetune" else cfg.e2e
-    tokens = pc.tokens if phase == "finetune" else C.e2e_tokens(cfg)
+    pc = {"finetune": cfg.finetune, "e2e": cfg.e2e, "adapter": cfg.adapter}[phase]
+    tokens = C.e2e_tokens(cfg) if phase == "e2e" else pc.tokens
     per_step = pc.batch_sequences * cfg.data.context
     total = tokens // per_step
-    skip = ctx.store.meta["contexts_consumed"] if phase == "finetune" else 0
+    skip = 0 if phase == "e2e" else ctx.store.meta["contexts_consumed"]
     seqs = window_sequences(ctx, total * pc.batch_sequences, skip, pc.seed, f"{phase}.tokens")
-    tx, schedule = finetune_optimizer(pc.lr, total, sae_cfg, weight_decay=cfg.finetune.weight_decay,
-                                      clip=cfg.finetune.clip, schedule="linear" if phase == "finetune" else "constant")
+    compose = adapter_of(ctx) if phase == "adapter" else None
+    tx, schedule = finetune_optimizer(pc.lr, total, sae_cfg if compose is None else None,
+                                      weight_decay=cfg.finetune.weight_decay, clip=cfg.finetune.clip,
+                                      schedule="constant" if phase == "e2e" else "linear")
     controller = cfg.finetune.l1_controller
     controller = (sae_cfg.kind == "relu") if controller is None else controller
+    controller = controller and (compose is None or compose.sae_trains)
     key = jax.random.PRNGKey(pc.seed)
     if phase == "e2e":
         # the paper's fresh init: unit-norm decoder, encoder = decoder^T, b_dec = 0
         start_params, start_dead = init_sae(sae_cfg, key), np.zeros(sae_cfg.d_sae, np.int32)
 
     def fresh():
+        if compose is not None:
+            trainable, _ = compose.init(key, start_params, ctx.lm.params, ctx.lm.param_axes())
+            return init_ft_state(trainable, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed,
+                                 frozen=start_params)
         return init_ft_state(start_params, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed)
 
     ckpt = ctx.checkpointer(phase)
     check_checkpoint(ckpt, ctx, phase)
     start = ckpt.latest_step() or 0
+    if start and phase == "adapter":
+        saved = ckpt.restore_meta().get("adapter", {})
+        for k in ("kind", "rank", "lm_layers", "loss"):
+            if saved.get(k) != getattr(cfg.adapter, k):
+                raise C.ConfigError(f"{ckpt.directory} holds an adapter with {k}={saved.get(k)!r}, but the config "
+                                    f"says adapter.{k}={getattr(cfg.adapter, k)!r}: use a new --run-dir")
     abstract = jax.eval_shape(fresh)
     state_sh = sae_state_shardings(abstract, sae_cfg, ctx.mesh)
     if start:
@@ -261,12 +285,14 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
         state = shard(fresh(), state_sh)
     meta = {"phase": phase, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
+    if compose is not None:
+        meta["adapter"] = dataclasses.asdict(cfg.adapter)
     if start >= total:
         ckpt.close()
         return state
     step_fn = make_finetune_step(ctx.lm, cfg.hook.layer, make_sae(sae_cfg), sae_cfg, tx, schedule,
                                  scale=ctx.store.scale, include_first=cfg.data.include_first_position,
-                                 kl_share=cfg.finetune.kl_share, l1_controller=controller,
+                                 kl_share=cfg.finetune.kl_share, l1_controller=controller, compose=compose,
                                  shardings=(state_sh, ctx.lm_shardings(), batch_sharding(ctx.mesh)))
     batch_sh = batch_sharding(ctx.mesh)
     loop = PhaseLoop(phase, total, per_step, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
@@ -301,10 +327,17 @@ def run(cfg: C.RunConfig, run_dir) -> dict:
         params = to_scale(ctx.init, ctx.store.scale)
         results["init"] = evaluate_phase(ctx, "init", params, 0.0, 0)
         start = (params, np.zeros(ctx.sae_cfg.d_sae, np.int32), results["init"]["l0"])
+    ft = None
     if "finetune" in cfg.phases:
         t0 = time.time()
         ft = kl_phase(ctx, "finetune", start[0], start[1], l0_target=start[2])
         results["finetune"] = evaluate_phase(ctx, "finetune", ft["params"], time.time() - t0, cfg.finetune.tokens)
+    if "adapter" in cfg.phases:  # around the fine-tuned SAE when there is one, else the MSE SAE
+        base = ft if ft is not None else state
+        t0 = time.time()
+        ad = kl_phase(ctx, "adapter", base["params"], base["dead"], l0_target=results["mse"]["l0"])
+        results["adapter"] = evaluate_phase(ctx, "adapter", ad["frozen"], time.time() - t0,
+                                            cfg.adapter.tokens, trainable=ad["params"])
     if "e2e" in cfg.phases:
         t0 = time.time()
         e2e = kl_phase(ctx, "e2e")
