@@ -118,3 +118,22 @@ def test_mesh_config_errors_name_the_fix():
         _cfg("model.lm_sharding=zero3")
     assert check_mesh(_cfg("mesh.data=2", "mesh.model=4"), 8) == (2, 4)
     assert check_mesh(_cfg(), 8) == (8, 1)
+
+
+@pytest.mark.parametrize("kind", ["lm_lora", "sae_lora"])
+def test_adapter_phase_same_on_a_mesh_as_on_one_device(run_8x1, tmp_path, kind):
+    """An adapter after the fine-tune (frozen SAE split over `model`, adapter replicated, LoRA'd LM):
+    the same evaluation on a 4x2 mesh as on one device."""
+    extra = ["phases=[mse, finetune, adapter]", f"adapter.kind={kind}", "adapter.rank=4", "adapter.tokens=2048",
+             "adapter.lr=1e-2", "model.lm_sharding=tensor"]
+    evals = {}
+    for mesh in [(1, 1), (4, 2)]:
+        d = tmp_path / f"{mesh[0]}x{mesh[1]}"
+        shutil.copytree(run_8x1, d)  # mse and finetune are done: only the adapter phase runs
+        _train(d, f"mesh.data={mesh[0]}", f"mesh.model={mesh[1]}", *extra)
+        evals[mesh] = json.loads((d / "eval.json").read_text())
+    one, two = evals[(1, 1)], evals[(4, 2)]
+    assert two["adapter"]["ce_spliced"] == pytest.approx(one["adapter"]["ce_spliced"], abs=1e-3)
+    assert two["adapter"]["ce_spliced"] != pytest.approx(one["finetune"]["ce_spliced"], abs=1e-6)  # it trained
+    # the finished fine-tune is restored (and re-evaluated) on each mesh, not retrained
+    assert two["finetune"]["ce_spliced"] == pytest.approx(one["finetune"]["ce_spliced"], abs=1e-5)
