@@ -77,9 +77,13 @@ def plot(run_dir: Path) -> None:
     ev = json.loads((run_dir / "eval.json").read_text())
     rows = _metrics(run_dir)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    offset = {"mse": 0, "finetune": ev.get("mse", {}).get("phase_tokens", 0), "e2e": 0}
-    colors = {"mse": "tab:blue", "init": "tab:purple", "finetune": "tab:red", "e2e": "tab:green"}
-    for phase in ("mse", "finetune", "e2e"):
+    mse_tokens = ev.get("mse", {}).get("phase_tokens", 0)
+    # the adapter trains on the fine-tune's window, after the fine-tune when there is one
+    offset = {"mse": 0, "finetune": mse_tokens, "e2e": 0,
+              "adapter": mse_tokens + ev.get("finetune", {}).get("phase_tokens", 0)}
+    colors = {"mse": "tab:blue", "init": "tab:purple", "finetune": "tab:red", "e2e": "tab:green",
+              "adapter": "tab:orange"}
+    for phase in ("mse", "finetune", "e2e", "adapter"):
         pr = [r for r in rows if r["phase"] == phase and "train/mse" in r]
         if pr:
             ax1.plot([r["tokens"] + offset[phase] for r in pr], [r["train/mse"] for r in pr],
@@ -92,7 +96,8 @@ def plot(run_dir: Path) -> None:
     ax2.set(xlabel="tokens", ylabel="KL(clean || spliced), nats/token", title="KL during KL+MSE training",
             yscale="log")
     for ax in (ax1, ax2):
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
     phases = list(ev)
     gaps = [ev[p]["ce_gap"] for p in phases]
