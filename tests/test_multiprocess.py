@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +56,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(store: Path, out: Path, n_proc: int = 2, n_tokens: int = N_TOKENS) -> list[dict]:
+def _start(store: Path, out: Path, n_proc: int = 2, n_tokens: int = N_TOKENS, **env_extra) -> list:
     port = _free_port()
     procs = []
     for p in range(n_proc):
         env = {**os.environ, "JAXSAE_COORDINATOR": f"127.0.0.1:{port}", "JAXSAE_NUM_PROCESSES": str(n_proc),
-               "JAXSAE_PROCESS_ID": str(p), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+               "JAXSAE_PROCESS_ID": str(p), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **env_extra}
         procs.append(subprocess.Popen(
             [sys.executable, "-c", _WORKER, str(store), str(out), str(n_tokens), json.dumps(KW), str(SHIPPED)],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _launch(store: Path, out: Path, n_proc: int = 2, n_tokens: int = N_TOKENS) -> list[dict]:
+    procs = _start(store, out, n_proc, n_tokens)
     results = []
     try:
         for proc in procs:
@@ -114,6 +121,32 @@ def test_two_readers_cover_every_row_once(two_process_store):
     # As multisets (some rows repeat in the data: the same token right after BOS), the two epochs
     # together are the store: every row read once, by exactly one process.
     np.testing.assert_array_equal(keyed(np.concatenate(rows)), keyed(store))
+
+
+def test_both_processes_killed_mid_collection_resume_to_the_same_store(two_process_store, tmp_path):
+    d, _ = two_process_store
+    store = tmp_path / "killed"
+    procs = _start(store, tmp_path, JAXSAE_STORE_COMMIT_DELAY="0.3")
+    try:
+        deadline = time.monotonic() + 300
+        while True:  # SIGKILL both once each has committed a few shards
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            assert time.monotonic() < deadline, "the processes never committed shards"
+            done = [json.loads(f.read_text())["shards_done"] if f.exists() else 0
+                    for f in (store / "progress" / f"process-{p}.json" for p in (0, 1))]
+            if min(done) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    assert not json.loads((store / "meta.json").read_text())["complete"]
+    assert max(done) < 24  # really killed mid-way
+    results = _launch(store, tmp_path)  # the same command again, on a new coordinator
+    assert all(r["complete"] and r["n_tokens"] == N_TOKENS for r in results)
+    np.testing.assert_array_equal(open_store(store).read(0, N_TOKENS), open_store(d / "store").read(0, N_TOKENS))
+    assert open_store(store).scale == open_store(d / "store").scale
 
 
 def test_unfinished_store_resumes_only_with_its_process_count(two_process_store, tmp_path):

@@ -307,6 +307,7 @@ def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, cont
         prog = {"created": meta["created"], "shards_done": 0, "text_rows": None}
     todo = mine[prog["shards_done"]:]
     rows_of = _residual_rows(_process_local(lm), layer, drop, _np_dtype(dtype))
+    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", disable=not progress or me != 0,
                desc=f"collect {hook_name(layer)} ({n_proc} processes)", dynamic_ncols=True)
     if todo and prog["text_rows"] is None:
@@ -338,6 +339,8 @@ def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, cont
                 prog.update(shards_done=len(mine), text_rows=(c0 + len(ctxs)) * r)
             kv.write(key, json.dumps(prog).encode()).result()
             bar.update(1)
+            if delay:
+                time.sleep(delay)
             if prog["text_rows"] is not None:
                 break
     bar.close()
