@@ -103,15 +103,20 @@ def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool
 
 def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: float,
              include_first: bool = False, batch: int = 8, lm_params: Any = None, compose=None,
-             trainable: Any = None) -> dict[str, float]:
+             trainable: Any = None, mesh=None) -> dict[str, float]:
     """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required).
-    compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`)."""
+    compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`).
+    mesh: split each batch over the mesh's data axis (without, a numpy batch is replicated: every
+    device would evaluate all of it)."""
+    from jaxsae.sharding import batch_from_global, batch_sharding
+
+    place = jnp.asarray if mesh is None else functools.partial(batch_from_global, sharding=batch_sharding(mesh))
     step = _cached_step(lm, sae_module, layer, float(scale), include_first, compose)
     lm_params = lm.params if lm_params is None else lm_params
     acc: dict[str, Any] = {}
     n_batches = max(1, len(tokens) // batch)
     for i in range(n_batches):
-        out = jax.device_get(step(lm_params, sae_params, jnp.asarray(tokens[i * batch:(i + 1) * batch]), trainable))
+        out = jax.device_get(step(lm_params, sae_params, place(tokens[i * batch:(i + 1) * batch]), trainable))
         for k, v in out.items():
             acc[k] = v if k not in acc else (acc[k] | v if k == "fired" else acc[k] + v)
     n, n_ce = float(acc["n"]), float(acc["n_ce"])

@@ -206,7 +206,7 @@ def evaluate_phase(ctx: Context, phase: str, params, seconds: float, tokens: int
     seqs = eval_sequences(cfg, ctx.lm.tokenizer)
     m = evaluate(ctx.lm, make_sae(ctx.sae_cfg), params, seqs, cfg.hook.layer, ctx.store.scale,
                  include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences,
-                 compose=None if trainable is None else adapter_of(ctx), trainable=trainable)
+                 compose=None if trainable is None else adapter_of(ctx), trainable=trainable, mesh=ctx.mesh)
     m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1))
     write_eval(ctx.run_dir, phase, m)
     sync_remote(ctx)
