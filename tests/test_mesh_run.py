@@ -137,3 +137,20 @@ def test_adapter_phase_same_on_a_mesh_as_on_one_device(run_8x1, tmp_path, kind):
     assert two["adapter"]["ce_spliced"] != pytest.approx(one["finetune"]["ce_spliced"], abs=1e-6)  # it trained
     # the finished fine-tune is restored (and re-evaluated) on each mesh, not retrained
     assert two["finetune"]["ce_spliced"] == pytest.approx(one["finetune"]["ce_spliced"], abs=1e-5)
+
+
+def test_collection_split_over_the_mesh_writes_the_same_rows(tmp_path):
+    from jaxsae.data.collect import collect
+    from jaxsae.data.store import open_store
+    from jaxsae.data.text import StdlibSource
+    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.lm import load_lm
+
+    lm = load_lm(SHIPPED)
+    kw = dict(n_tokens=2000, context=32, batch_contexts=8, chunk_rows=64, shard_chunks=2, progress=False)
+    collect(lm, 1, StdlibSource("val"), lm.tokenizer, tmp_path / "one", **kw)
+    mesh = shd.make_mesh(4, 2)  # batch over data, the LM's heads / mlp / vocab over model
+    placed = jaxsae.models.lm.LM(lm.config, shd.shard(lm.params, shd.lm_param_shardings(lm, mesh, "tensor")))
+    collect(placed, 1, StdlibSource("val"), lm.tokenizer, tmp_path / "mesh", mesh=mesh, **kw)
+    a, b = open_store(tmp_path / "one"), open_store(tmp_path / "mesh")
+    np.testing.assert_allclose(b.read(0, 2000), a.read(0, 2000), rtol=1e-5, atol=1e-5)

@@ -102,7 +102,7 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
             batch_contexts: int, dtype: str = "float32", drop_bos: bool = True, drop_first: bool | None = None,
             norm_sample_tokens: int = 1 << 16, bos_id: int | None | str = "auto",
             eos_id: int | None | str = "auto", chunk_rows: int | None = None, shard_chunks: int = 16,
-            overwrite: bool = False, progress: bool = True) -> StoreInfo:
+            overwrite: bool = False, progress: bool = True, mesh=None) -> StoreInfo:
     """Collects ``n_tokens`` rows of ``lm``'s residual after block ``layer`` into the store at ``path``.
 
     Text is packed into int32[context] contexts (``iter_contexts``), run through ``lm.residual`` in
@@ -177,7 +177,7 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
             if delay:
                 time.sleep(delay)
 
-    rows_of = _residual_rows(lm, layer, drop, np_dtype)
+    rows_of = _residual_rows(lm, layer, drop, np_dtype, mesh)
     per_batch = batch_contexts * r
     b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
 
@@ -243,11 +243,33 @@ def _check_processes(meta: Mapping[str, Any], n: int, url: str) -> None:
                          f"{begun} process(es), or collect into a fresh path")
 
 
-def _residual_rows(lm, layer: int, drop: int, np_dtype):
+def _residual_rows(lm, layer: int, drop: int, np_dtype, mesh=None):
+    """toks: int[batch, context] -> rows [batch * (context - drop), D]; with `mesh`, the batch is split
+    over its data axis (a numpy batch would otherwise be replicated: every device computing all of it)."""
     import jax
 
+    from jaxsae.sharding import batch_from_global, batch_sharding
+
     post = jax.jit(lambda h: h[:, drop:].reshape(-1, h.shape[-1]).astype(np_dtype))
-    return lambda toks: post(lm.residual(toks, layer))
+    if mesh is None:
+        return lambda toks: post(lm.residual(toks, layer))
+    sh = batch_sharding(mesh)
+    return lambda toks: post(lm.residual(batch_from_global(toks, sh), layer))
+
+
+def _local_mesh(lm, batch_contexts: int):
+    """(lm on this process's devices, their data-parallel mesh): collection needs no other process."""
+    import math
+
+    import jax
+
+    from jaxsae.sharding import lm_param_shardings, make_mesh, shard
+
+    devices = jax.local_devices()
+    n = math.gcd(len(devices), batch_contexts)  # as many devices as split the batch evenly
+    mesh = make_mesh(n, 1, devices[:n])
+    local = _process_local(lm)
+    return type(local)(local.config, shard(local.params, lm_param_shardings(local.config, mesh)), local.path), mesh
 
 
 def _process_local(lm):
@@ -306,7 +328,8 @@ def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, cont
     if prog is None or prog.get("created") != meta["created"]:  # none yet, or left by an overwritten store
         prog = {"created": meta["created"], "shards_done": 0, "text_rows": None}
     todo = mine[prog["shards_done"]:]
-    rows_of = _residual_rows(_process_local(lm), layer, drop, _np_dtype(dtype))
+    local_lm, local_mesh = _local_mesh(lm, batch_contexts)
+    rows_of = _residual_rows(local_lm, layer, drop, _np_dtype(dtype), local_mesh)
     delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", disable=not progress or me != 0,
                desc=f"collect {hook_name(layer)} ({n_proc} processes)", dynamic_ncols=True)

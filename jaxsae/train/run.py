@@ -143,7 +143,8 @@ def collect_store(ctx: Context) -> None:
     info = collect(ctx.lm, cfg.hook.layer, make_source(cfg.data.source), ctx.lm.tokenizer, ctx.store_path,
                    n_tokens=cfg.store.tokens, context=cfg.data.context, batch_contexts=cfg.store.batch_contexts,
                    dtype=cfg.store.dtype, bos_id="auto" if cfg.data.prepend_bos else None,
-                   drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens)
+                   drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens,
+                   mesh=ctx.mesh)
     ctx.store = info.open()
     ctx.log.write({"phase": "collect", "step": 0, "tokens": ctx.store.n_tokens,
                    "seconds": round(time.time() - t0, 1), "scale": ctx.store.scale})
