@@ -60,12 +60,13 @@ def make_jax_runner(d_model: int, d_sae: int, k: int, batch: int, pool, variant:
     from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
 
     sae_cfg = SAEConfig(kind="topk", d_model=d_model, d_sae=d_sae, k=k,
-                        dead_tokens_threshold=1 if variant == "auxk_active" else 10_000_000).validate()
+                        dead_tokens_threshold=1 if variant == "auxk_active" else 10_000_000,
+                        decode="sparse" if variant == "sparse" else "dense").validate()
     module = make_sae(sae_cfg)
     mse_cfg = MSECfg(batch_size=batch, warmup_steps=1)  # constant lr 3e-4 after step 0, as torch
     tx, schedule = mse_optimizer(mse_cfg, sae_cfg, total_steps=1_000_000)
     params = init_sae(sae_cfg, jax.random.PRNGKey(0))
-    if variant in ("real", "auxk_active"):
+    if variant in ("real", "auxk_active", "sparse"):
         step = make_mse_step(module, sae_cfg, tx, schedule)
     else:
         if variant == "plain_adam":
@@ -270,6 +271,7 @@ def main() -> None:
           f"torch decoder: {args.torch_decode}")
     t0 = time.perf_counter()
     runners = {"jaxsae": make_jax_runner(D, S, k, B, pool),
+               "jaxsae, sae.decode=sparse": make_jax_runner(D, S, k, B, pool, "sparse"),
                f"torch ({args.torch_decode})": make_torch_runner(D, S, k, B, pool, args.torch_decode)}
     if args.breakdown:
         runners["jaxsae, AuxK active"] = make_jax_runner(D, S, k, B, pool, "auxk_active")

@@ -56,6 +56,8 @@ def _setup(kind, **kw):
         (dict(kind="relu", d_model=32, d_sae=64, l1_coeff=-1.0), "sae.l1_coeff"),
         (dict(kind="jumprelu", d_model=32, d_sae=64, jumprelu_bandwidth=0.0), "sae.jumprelu_bandwidth"),
         (dict(kind="relu", d_model=32, d_sae=64, dtype="int8"), "sae.dtype"),
+        (dict(kind="relu", d_model=32, d_sae=64, decode="sparse"), "sae.decode=sparse needs a fixed k"),
+        (dict(kind="topk", d_model=32, d_sae=64, decode="gather"), "sae.decode='gather'"),
     ],
 )
 def test_config_validation_errors(kw, needle):
@@ -131,6 +133,32 @@ def test_topk_shapes_and_exact_l0():
     np.testing.assert_allclose(f, out.f, atol=1e-6)
     np.testing.assert_allclose(model.apply(v, f, method=model.decode), x_hat, atol=1e-5)
     assert float(out.aux_loss) == 0.0  # no dead mask -> no AuxK
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sparse_decoder_equals_dense_with_its_gradients(dtype):
+    """sae.decode=sparse (gather the k rows) computes the dense decoder's x_hat, losses and gradients,
+    AuxK included."""
+    x = _x((64, D), seed=3)
+    dead = jnp.arange(S) % 5 == 0
+    results = {}
+    for decode in ("dense", "sparse"):
+        cfg, model, params = _setup("topk", k=8, auxk_coeff=0.5, decode=decode, dtype=dtype)
+
+        def loss(p):
+            x_hat, out = model.apply({"params": p}, x, dead=dead)
+            return reconstruction_loss(x, x_hat) + out.aux_loss, (x_hat, out)
+
+        (value, (x_hat, out)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results[decode] = value, x_hat, out, grads
+    (v0, xh0, o0, g0), (v1, xh1, o1, g1) = results["dense"], results["sparse"]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(xh1, xh0, **tol)
+    np.testing.assert_allclose(v1, v0, **tol)
+    np.testing.assert_array_equal(o1.f, o0.f)
+    assert float(o1.auxk) > 0 and float(o1.l0) == 8.0
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], err_msg=k, **tol)
 
 
 def test_topk_bfloat16_compute():

@@ -169,6 +169,11 @@ class SAEBase(nn.Module):
         """f32[N, S] -> f32[N, S] latent activations."""
         raise NotImplementedError
 
+    def activate_sparse(self, pre: jax.Array, train: bool):
+        """(f f32[N, S], (idx i32[N, k], vals f32[N, k]) or None): the activations and, for kinds with
+        a fixed k per token, the active latents, which `sae.decode=sparse` decodes from."""
+        return self.activate(pre, train), None
+
     def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
         """(l1, l0_loss, auxk) scaled loss terms, each f32[]; default all 0.
 
@@ -208,6 +213,16 @@ class SAEBase(nn.Module):
         out = jnp.dot(f.astype(dt), self.W_dec.astype(dt), preferred_element_type=jnp.float32)
         return out + self.b_dec
 
+    def decode_rows(self, idx: jax.Array, vals: jax.Array) -> jax.Array:
+        """idx: i32[N, k], vals: f32[N, k] -> x_hat f32[N, D] = sum_j vals_j W_dec[idx_j] + b_dec.
+
+        Equal to `decode` of the dense codes; its backward is a scatter-add into k rows of W_dec per
+        token instead of a dense [S, N] @ [N, D] matmul."""
+        dt = self.cfg.compute_dtype
+        rows = self.W_dec.astype(dt)[idx]  # [N, k, D]
+        out = jnp.einsum("nk,nkd->nd", vals.astype(dt), rows, preferred_element_type=jnp.float32)
+        return out + self.b_dec
+
     def __call__(self, x: jax.Array, dead: jax.Array | None = None, train: bool = True,
                  l1_coeff=None):
         """Full forward pass for training.
@@ -224,15 +239,25 @@ class SAEBase(nn.Module):
         lead = x.shape[:-1]
         x2 = self._flat(x).astype(jnp.float32)
         pre = self.pre_acts(x2)
-        f = self.activate(pre, train)
-        x_hat = self.decode(f)
+        f, active_rows = self.activate_sparse(pre, train)
+        x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
+                 else self.decode(f))
         l1, l0_loss, auxk = self.penalties(x2, pre, f, x_hat, dead, l1_coeff)
-        active = f > 0
+        if active_rows is not None:
+            # from the k active entries: the dense codes then need not exist in a training step
+            idx, vals = active_rows
+            on = vals > 0
+            l0 = jnp.mean(jnp.sum(on, axis=-1, dtype=jnp.float32))
+            fired = jnp.zeros((self.cfg.d_sae,), bool).at[idx.reshape(-1)].max(on.reshape(-1))
+        else:
+            active = f > 0
+            l0 = jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))
+            fired = jnp.any(active, axis=0)
         out = SAEOutput(
             f=f.reshape(*lead, -1),
             pre=pre.reshape(*lead, -1),
-            l0=jax.lax.stop_gradient(jnp.mean(jnp.sum(active, axis=-1, dtype=jnp.float32))),
-            fired=jnp.any(active, axis=0),
+            l0=jax.lax.stop_gradient(l0),
+            fired=fired,
             l1=l1,
             l0_loss=l0_loss,
             auxk=auxk,

@@ -37,6 +37,10 @@ class SAEConfig:
       dead_tokens_threshold: a latent that has not fired for this many
         tokens counts as dead (for AuxK).
       dtype: compute dtype of the encoder/decoder matmuls (params stay f32).
+      decode: dense (f @ W_dec: one matmul, any sharding; the default, best on TPU) or sparse
+        (topk only: gather the k decoder rows of each token, sum_j a_j W_dec[idx_j]; k/d_sae of the
+        FLOPs, faster on CPU/GPU at large d_sae, but an f32[tokens, k, d_model] intermediate and a
+        gather along d_sae, which a mesh with model > 1 has to all-gather).
     """
 
     kind: str
@@ -52,6 +56,7 @@ class SAEConfig:
     k_aux: int | None = None
     dead_tokens_threshold: int = 10_000_000
     dtype: str = "float32"
+    decode: str = "dense"
 
     @property
     def effective_k_aux(self) -> int:
@@ -98,6 +103,10 @@ class SAEConfig:
                 fail(f"sae.{name}={v!r} must be > 0: choose a small positive value such as 1e-3")
         if self.dead_tokens_threshold <= 0:
             fail(f"sae.dead_tokens_threshold={self.dead_tokens_threshold!r} must be > 0")
+        if self.decode not in ("dense", "sparse"):
+            fail(f"sae.decode={self.decode!r}: choose dense or sparse")
+        if self.decode == "sparse" and self.kind != "topk":
+            fail(f"sae.decode=sparse needs a fixed k per token (kind topk), not {self.kind}: use sae.decode=dense")
         if self.dtype not in DTYPES:
             fail(f"sae.dtype={self.dtype!r} is unsupported: choose one of {', '.join(DTYPES)}")
         return self

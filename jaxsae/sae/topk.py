@@ -35,6 +35,11 @@ class TopKSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return topk_activation(pre, self.cfg.k)
 
+    def activate_sparse(self, pre: jax.Array, train: bool):
+        vals, idx = jax.lax.top_k(pre, self.cfg.k)
+        vals = jax.nn.relu(vals)
+        return scatter_rows(pre.shape, idx, vals), (idx, vals)
+
     def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
         zero = jnp.zeros((), jnp.float32)
         if dead is None:  # static: skip the extra top-k entirely

@@ -124,9 +124,11 @@ def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
     """A run directory whose checkpoints hold another SAE (the config changed) fails clearly, not in Orbax."""
     if ckpt.latest_step() is None:
         return
-    saved = ckpt.restore_meta().get("sae", {})
+    # a field the checkpoint predates counts as its default; `decode` only picks how x_hat is computed
+    defaults = {f.name: f.default for f in dataclasses.fields(ctx.sae_cfg)}
+    saved = {**defaults, **ckpt.restore_meta().get("sae", {})}
     want = dataclasses.asdict(ctx.sae_cfg)
-    diff = [k for k in want if saved.get(k) != want[k]]
+    diff = [k for k in want if saved.get(k) != want[k] and k != "decode"]
     if diff:
         k = diff[0]
         raise C.ConfigError(
