@@ -1,0 +1,65 @@
+"""The whole trainer on a Gemma 2 checkpoint, the way the paper's Gemma runs are configured: a tiny
+random `Gemma2ForCausalLM` saved by transformers (GQA, sliding window shorter than the context, both
+soft-caps), bfloat16 weights, BOS prepended to every context and dropped from the store."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxsae.data.store import open_store
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory) -> Path:
+    import torch
+    import transformers
+
+    from jaxsae.demo_lm import SHIPPED
+
+    d = tmp_path_factory.mktemp("gemma2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a real BPE; its BOS is id 0
+        shutil.copy(SHIPPED / name, d / name)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                    query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    transformers.Gemma2ForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+def test_gemma2_bf16_bos_run_collects_trains_and_fine_tunes(gemma2_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "jaxsae.train", "--config", str(ROOT / "configs" / "gemma-2-2b-topk-k40.yaml"),
+            "--run-dir", str(run_dir), "--set", f"model.path={gemma2_dir}", "--set", "hook.layer=1",
+            "--set", "data.source={kind: stdlib, split: train}", "--set", "data.eval_source={kind: stdlib, split: val}",
+            "--set", "data.context=24", "--set", "store.tokens=6000", "--set", "store.batch_contexts=8",
+            "--set", "store.norm_sample_tokens=2000", "--set", "sae.d_sae=128", "--set", "sae.k=8",
+            "--set", "mse.tokens=11500", "--set", "mse.batch_size=230", "--set", "mse.warmup_steps=5",
+            "--set", "finetune.tokens=960", "--set", "finetune.lr=1e-3", "--set", "checkpoint.every_steps=20",
+            "--set", "eval.sequences=8"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    store = open_store(run_dir / "store")
+    meta = store.meta
+    assert meta["dtype"] == "bfloat16" and meta["model"]["arch"] == "gemma2" and meta["layer"] == 1
+    assert meta["positions"]["bos_prepended"] and meta["positions"]["dropped"] == [0]
+    assert meta["positions"]["rows_per_context"] == 23
+    ev = json.loads((run_dir / "eval.json").read_text())
+    assert list(ev) == ["mse", "finetune"]
+    for m in ev.values():  # (a random LM: zero-ablation need not hurt it, so no CE ordering is asserted)
+        assert all(map(math.isfinite, (m["ce_clean"], m["ce_spliced"], m["kl"])))
+        assert m["l0"] == pytest.approx(8.0) and 0 < m["fve"] <= 1
+    assert ev["finetune"]["kl"] < ev["mse"]["kl"]  # the KL fine-tune moved the SAE towards the LM's logits
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ft = [x for x in lines if x["phase"] == "finetune"]
+    assert ft and all(x["train/kl"] >= 0 and x["train/beta"] > 0 for x in ft)
