@@ -122,15 +122,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(scale, q.dtype)
+    # Head-major operands ([b, kv, g, t, d], [b, kv, s, d]): both einsums become plain batched
+    # matmuls over contiguous [t, d] / [s, d] blocks (the whole forward of a Pythia-70m-shaped model
+    # ran 1.16x faster on CPU than contracting the token-major layout in place; bench_collect.py).
+    qg = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qg, kh) * jnp.asarray(scale, q.dtype)
     logits = logits.astype(jnp.float32)
     if softcap is not None:
         logits = jnp.tanh(logits / softcap) * softcap
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def sqrt_in_dtype(n: int, dtype) -> jax.Array:
