@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
+import time
 
 import jax
 import numpy as np
@@ -84,6 +84,14 @@ class Compiled:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
 
+def _compile(name: str, lowered) -> Compiled:
+    t0 = time.time()
+    print(f"compiling {name} ...", file=sys.stderr, flush=True)  # minutes for a 2B model on a laptop
+    compiled = lowered.compile()
+    print(f"  compiled {name} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    return _summarise(name, compiled)
+
+
 def _summarise(name: str, compiled) -> Compiled:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -128,7 +136,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
         step = make_mse_step(module, sae_cfg, tx, schedule, state_sh, batch_sh)
         x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), np.dtype(cfg.store.dtype)
                                  if cfg.store.dtype != "bfloat16" else jax.numpy.bfloat16, sharding=batch_sh)
-        out.append(_summarise("mse step", step.lower(abstract_with(state, state_sh), x).compile()))
+        out.append(_compile("mse step", step.lower(abstract_with(state, state_sh), x)))
 
     for phase in [p for p in ("finetune", "e2e") if p in cfg.phases]:
         pc = getattr(cfg, phase)
@@ -142,8 +150,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
                                   include_first=cfg.data.include_first_position, kl_share=cfg.finetune.kl_share,
                                   l1_controller=sae_cfg.kind == "relu", shardings=(fsh, lm_sh, batch_sh))
         tokens = jax.ShapeDtypeStruct((pc.batch_sequences, cfg.data.context), np.int32, sharding=batch_sh)
-        out.append(_summarise(f"{phase} step (fused KL+MSE)",
-                              step.lower(abstract_with(fstate, fsh), lm_params, tokens).compile()))
+        out.append(_compile(f"{phase} step (fused KL+MSE)", step.lower(abstract_with(fstate, fsh), lm_params, tokens)))
         break  # finetune and e2e compile the same step
     return out, mesh
 
