@@ -105,52 +105,44 @@ def _summarise(name: str, compiled) -> Compiled:
 def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], object]:
     """Lowers and compiles the run's steps for `devices` (a list, maybe of a described topology).
 
+    The steps come from the trainer's own builders (`jaxsae.train.run.mse_parts` / `kl_parts`).
     Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct.
     """
     from jaxsae import config as C
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
     from jaxsae.models.lm import LM, abstract_params
-    from jaxsae.sae import init_sae, make_sae
-    from jaxsae.sharding import (abstract_with, batch_sharding, lm_param_shardings, make_mesh,
-                                 sae_state_shardings)
-    from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import abstract_with, lm_param_shardings
+    from jaxsae.train.finetune import init_ft_state
     from jaxsae.train.loop import resolve_model_path
-    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+    from jaxsae.train.run import kl_parts, mesh_for, mse_parts
 
     mcfg = read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
     C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
-    data, model = C.check_mesh(cfg, len(devices), n_processes)
-    mesh = make_mesh(data, model, devices[:data * model])
+    mesh = mesh_for(cfg, devices, n_processes)
     sae_cfg = C.sae_config(cfg, mcfg.d_model)
-    module = make_sae(sae_cfg)
-    key = jax.random.PRNGKey(0)
     out = []
-
-    total = max(cfg.mse.tokens // cfg.mse.batch_size, 1)
-    tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
-    state = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, 0))
-    state_sh = sae_state_shardings(state, sae_cfg, mesh)
-    batch_sh = batch_sharding(mesh)
     if "mse" in cfg.phases:
-        step = make_mse_step(module, sae_cfg, tx, schedule, state_sh, batch_sh)
-        x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), np.dtype(cfg.store.dtype)
-                                 if cfg.store.dtype != "bfloat16" else jax.numpy.bfloat16, sharding=batch_sh)
-        out.append(_compile("mse step", step.lower(abstract_with(state, state_sh), x)))
+        p = mse_parts(cfg, sae_cfg, mesh)
+        dtype = jax.numpy.bfloat16 if cfg.store.dtype == "bfloat16" else np.dtype(cfg.store.dtype)
+        x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), dtype, sharding=p.batch_sh)
+        out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x)))
 
     for phase in [p for p in ("finetune", "e2e") if p in cfg.phases]:
-        pc = getattr(cfg, phase)
-        ftx, fsched = finetune_optimizer(pc.lr, 100, sae_cfg)
-        fstate = jax.eval_shape(lambda: init_ft_state(init_sae(sae_cfg, key), ftx, sae_cfg,
-                                                      np.zeros(sae_cfg.d_sae, np.int32), 0.0, 0.0, 0))
-        fsh = sae_state_shardings(fstate, sae_cfg, mesh)
         lm_sh = lm_param_shardings(mcfg, mesh, cfg.model.lm_sharding)
-        lm_params = abstract_with(abstract_params(mcfg), lm_sh)
-        step = make_finetune_step(LM(mcfg, None), cfg.hook.layer, module, sae_cfg, ftx, fsched, scale=1.0,
-                                  include_first=cfg.data.include_first_position, kl_share=cfg.finetune.kl_share,
-                                  l1_controller=sae_cfg.kind == "relu", shardings=(fsh, lm_sh, batch_sh))
-        tokens = jax.ShapeDtypeStruct((pc.batch_sequences, cfg.data.context), np.int32, sharding=batch_sh)
-        out.append(_compile(f"{phase} step (fused KL+MSE)", step.lower(abstract_with(fstate, fsh), lm_params, tokens)))
+        dead = np.zeros(sae_cfg.d_sae, np.int32)
+
+        def fresh(tx):
+            return init_ft_state(init_sae(sae_cfg, jax.random.PRNGKey(0)), tx, sae_cfg, dead, sae_cfg.l1_coeff,
+                                 0.0, 0)
+
+        p = kl_parts(cfg, phase, sae_cfg, mesh, LM(mcfg, None), lm_sh, fresh, scale=1.0)
+        tokens = jax.ShapeDtypeStruct((getattr(cfg, phase).batch_sequences, cfg.data.context), np.int32,
+                                      sharding=p.batch_sh)
+        lowered = p.step.lower(abstract_with(p.abstract, p.state_sh), abstract_with(abstract_params(mcfg), lm_sh),
+                               tokens)
+        out.append(_compile(f"{phase} step (fused KL+MSE)", lowered))
         break  # finetune and e2e compile the same step
     return out, mesh
 

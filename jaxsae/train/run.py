@@ -10,6 +10,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -81,14 +82,13 @@ def prepare(cfg: C.RunConfig, run_dir) -> Context:
     from jaxsae.distributed import is_main
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
-    from jaxsae.sharding import make_mesh
 
     run_dir, remote = split_run_dir(cfg, run_dir)
     model_path = resolve_model_path(cfg.model.path)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
-    data, model = C.check_mesh(cfg, jax.device_count(), jax.process_count())
-    mesh = make_mesh(data, model, jax.devices()[:data * model])
+    mesh = mesh_for(cfg, jax.devices(), jax.process_count())
+    model = mesh.shape["model"]
     if model > 1 and cfg.model.lm_sharding == "replicated" and {"finetune", "e2e"} & set(cfg.phases) and is_main():
         print(f"warning: mesh.model={model} with a replicated LM repeats the LM's forward passes on each of the "
               f"{model} devices of a model row; model.lm_sharding=tensor splits that work", file=sys.stderr)
@@ -118,6 +118,64 @@ def prepare(cfg: C.RunConfig, run_dir) -> Context:
     if is_main():
         (run_dir / "config.yaml").write_text(C.dump(cfg))
     return ctx
+
+
+def mesh_for(cfg: C.RunConfig, devices: list, n_processes: int):
+    """The run's mesh over `devices` (this machine's, or a described TPU topology's), after the checks."""
+    from jaxsae.sharding import make_mesh
+
+    data, model = C.check_mesh(cfg, len(devices), n_processes)
+    return make_mesh(data, model, list(devices)[:data * model])
+
+
+class StepParts(NamedTuple):
+    """A phase's optimizer, abstract state, shardings and jit step: the trainer and `jaxsae.aot` build
+    the step from the same function, so the ahead-of-time check compiles what the trainer runs."""
+
+    total: int
+    tx: object
+    abstract: object  # the state's ShapeDtypeStructs
+    state_sh: object
+    batch_sh: object
+    step: object
+
+
+def mse_parts(cfg: C.RunConfig, sae_cfg, mesh) -> StepParts:
+    from jaxsae.sae import init_sae, make_sae
+    from jaxsae.sharding import batch_sharding, sae_state_shardings
+    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+
+    total = cfg.mse.tokens // cfg.mse.batch_size
+    tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
+    key = jax.random.PRNGKey(cfg.mse.seed)
+    abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
+    state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
+    step = make_mse_step(make_sae(sae_cfg), sae_cfg, tx, schedule, state_sh, batch_sh)
+    return StepParts(total, tx, abstract, state_sh, batch_sh, step)
+
+
+def kl_parts(cfg: C.RunConfig, phase: str, sae_cfg, mesh, lm, lm_sh, fresh, scale: float,
+             compose=None) -> StepParts:
+    """The fused KL+MSE step of `phase` (finetune | e2e | adapter). fresh(tx) -> the phase's first state."""
+    from jaxsae.sae import make_sae
+    from jaxsae.sharding import batch_sharding, sae_state_shardings
+    from jaxsae.train.finetune import finetune_optimizer, make_finetune_step
+
+    pc = {"finetune": cfg.finetune, "e2e": cfg.e2e, "adapter": cfg.adapter}[phase]
+    tokens = C.e2e_tokens(cfg) if phase == "e2e" else pc.tokens
+    total = tokens // (pc.batch_sequences * cfg.data.context)
+    tx, schedule = finetune_optimizer(pc.lr, total, sae_cfg if compose is None else None,
+                                      weight_decay=cfg.finetune.weight_decay, clip=cfg.finetune.clip,
+                                      schedule="constant" if phase == "e2e" else "linear")
+    controller = cfg.finetune.l1_controller
+    controller = (sae_cfg.kind == "relu") if controller is None else controller
+    controller = controller and (compose is None or compose.sae_trains)
+    abstract = jax.eval_shape(lambda: fresh(tx))
+    state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
+    step = make_finetune_step(lm, cfg.hook.layer, make_sae(sae_cfg), sae_cfg, tx, schedule, scale=scale,
+                              include_first=cfg.data.include_first_position, kl_share=cfg.finetune.kl_share,
+                              l1_controller=controller, compose=compose, shardings=(state_sh, lm_sh, batch_sh))
+    return StepParts(total, tx, abstract, state_sh, batch_sh, step)
 
 
 def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
@@ -155,35 +213,31 @@ def collect_store(ctx: Context) -> None:
 def mse_phase(ctx: Context) -> dict:
     """Trains the SAE on shuffled store rows; resumes from the phase's last checkpoint."""
     from jaxsae.data.reader import ShuffledReader
-    from jaxsae.sae import init_sae, make_sae
-    from jaxsae.sharding import abstract_with, batch_sharding, global_batch, sae_state_shardings, shard
-    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import abstract_with, global_batch, shard
+    from jaxsae.train.mse import init_state
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
-    total = cfg.mse.tokens // cfg.mse.batch_size
-    tx, schedule = mse_optimizer(cfg.mse, sae_cfg, total)
-    module = make_sae(sae_cfg)
+    parts = mse_parts(cfg, sae_cfg, ctx.mesh)
+    total = parts.total
     ckpt = ctx.checkpointer("mse")
     check_checkpoint(ckpt, ctx, "mse")
-    key = jax.random.PRNGKey(cfg.mse.seed)
     start = ckpt.latest_step() or 0
-    abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
-    state_sh = sae_state_shardings(abstract, sae_cfg, ctx.mesh)
     if start:
         # restores onto this run's mesh, whatever mesh wrote the checkpoint
-        state, _ = ckpt.restore(abstract_with(abstract, state_sh), start)
+        state, _ = ckpt.restore(abstract_with(parts.abstract, parts.state_sh), start)
         ctx.log.rewind("mse", start)
     else:
         # b_dec starts at the geometric median of a first sample of (normalised) activations
         sample = ctx.store.read(0, min(ctx.store.n_tokens, 4096), normalize=True)
-        state = shard(init_state(init_sae(sae_cfg, key, sample), tx, sae_cfg, cfg.mse.seed), state_sh)
+        params = init_sae(sae_cfg, jax.random.PRNGKey(cfg.mse.seed), sample)
+        state = shard(init_state(params, parts.tx, sae_cfg, cfg.mse.seed), parts.state_sh)
     meta = {"phase": "mse", "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
     if start >= total:
         ckpt.close()
         return state
-    batch_sh = batch_sharding(ctx.mesh)
-    step_fn = make_mse_step(module, sae_cfg, tx, schedule, state_sh, batch_sh)
+    step_fn, batch_sh = parts.step, parts.batch_sh
     # each process reads its own slice of the store (interleaved blocks) and feeds batch/P rows
     reader = ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=cfg.mse.seed,
                             start_step=start, process_index=jax.process_index(),
@@ -240,36 +294,29 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     lr decaying to 0; `e2e` trains a fresh SAE for the whole budget at constant lr (the baseline);
     `adapter` trains an adapter around the frozen start SAE over the fine-tune's window (its state's
     `params` are the adapter's, `frozen` the SAE)."""
-    from jaxsae.sae import init_sae, make_sae
-    from jaxsae.sharding import abstract_with, batch_from_global, batch_sharding, sae_state_shardings, shard
-    from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import abstract_with, batch_from_global, shard
+    from jaxsae.train.finetune import init_ft_state
 
     cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
     pc = {"finetune": cfg.finetune, "e2e": cfg.e2e, "adapter": cfg.adapter}[phase]
-    tokens = C.e2e_tokens(cfg) if phase == "e2e" else pc.tokens
-    per_step = pc.batch_sequences * cfg.data.context
-    total = tokens // per_step
-    skip = 0 if phase == "e2e" else ctx.store.meta["contexts_consumed"]
-    seqs = window_sequences(ctx, total * pc.batch_sequences, skip, pc.seed, f"{phase}.tokens")
     compose = adapter_of(ctx) if phase == "adapter" else None
-    tx, schedule = finetune_optimizer(pc.lr, total, sae_cfg if compose is None else None,
-                                      weight_decay=cfg.finetune.weight_decay, clip=cfg.finetune.clip,
-                                      schedule="constant" if phase == "e2e" else "linear")
-    controller = cfg.finetune.l1_controller
-    controller = (sae_cfg.kind == "relu") if controller is None else controller
-    controller = controller and (compose is None or compose.sae_trains)
     key = jax.random.PRNGKey(pc.seed)
     if phase == "e2e":
         # the paper's fresh init: unit-norm decoder, encoder = decoder^T, b_dec = 0
         start_params, start_dead = init_sae(sae_cfg, key), np.zeros(sae_cfg.d_sae, np.int32)
 
-    def fresh():
+    def fresh(tx):
         if compose is not None:
             trainable, _ = compose.init(key, start_params, ctx.lm.params, ctx.lm.param_axes())
             return init_ft_state(trainable, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed,
                                  frozen=start_params)
         return init_ft_state(start_params, tx, sae_cfg, start_dead, sae_cfg.l1_coeff, l0_target, pc.seed)
 
+    parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.lm, ctx.lm_shardings(), fresh, ctx.store.scale, compose)
+    total, per_step = parts.total, pc.batch_sequences * cfg.data.context
+    skip = 0 if phase == "e2e" else ctx.store.meta["contexts_consumed"]
+    seqs = window_sequences(ctx, total * pc.batch_sequences, skip, pc.seed, f"{phase}.tokens")
     ckpt = ctx.checkpointer(phase)
     check_checkpoint(ckpt, ctx, phase)
     start = ckpt.latest_step() or 0
@@ -279,13 +326,11 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
             if saved.get(k) != getattr(cfg.adapter, k):
                 raise C.ConfigError(f"{ckpt.directory} holds an adapter with {k}={saved.get(k)!r}, but the config "
                                     f"says adapter.{k}={getattr(cfg.adapter, k)!r}: use a new --run-dir")
-    abstract = jax.eval_shape(fresh)
-    state_sh = sae_state_shardings(abstract, sae_cfg, ctx.mesh)
     if start:
-        state, _ = ckpt.restore(abstract_with(abstract, state_sh), start)
+        state, _ = ckpt.restore(abstract_with(parts.abstract, parts.state_sh), start)
         ctx.log.rewind(phase, start)
     else:
-        state = shard(fresh(), state_sh)
+        state = shard(fresh(parts.tx), parts.state_sh)
     meta = {"phase": phase, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.model_path, "total_steps": total}
     if compose is not None:
@@ -293,11 +338,7 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     if start >= total:
         ckpt.close()
         return state
-    step_fn = make_finetune_step(ctx.lm, cfg.hook.layer, make_sae(sae_cfg), sae_cfg, tx, schedule,
-                                 scale=ctx.store.scale, include_first=cfg.data.include_first_position,
-                                 kl_share=cfg.finetune.kl_share, l1_controller=controller, compose=compose,
-                                 shardings=(state_sh, ctx.lm_shardings(), batch_sharding(ctx.mesh)))
-    batch_sh = batch_sharding(ctx.mesh)
+    step_fn, batch_sh = parts.step, parts.batch_sh
     loop = PhaseLoop(phase, total, per_step, ctx.log, ckpt, cfg.checkpoint.every_steps, start)
     try:
         for step in range(start + 1, total + 1):
