@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 
 import jax
-import numpy as np
 
 ENV_AUTO = "JAXSAE_DISTRIBUTED"
 ENV_COORDINATOR = "JAXSAE_COORDINATOR"
@@ -75,12 +74,3 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def broadcast_int(value: int) -> int:
-    """Process 0's `value` on every process."""
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))

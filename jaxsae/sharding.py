@@ -9,8 +9,9 @@ the two mesh axes:
     model   splits the SAE's latents `d_sae` (optimizer moments and dead counters follow); with
             lm_sharding='tensor' also the LM's heads / mlp / vocab
 
-The steps in `jaxsae.train` are plain `jax.jit`s without sharding annotations: they follow the shardings
-of their inputs, so the same code runs on one CPU and on a pod by changing the mesh. TopK's `lax.top_k`
+The steps in `jaxsae.train` are built by `jit_step`: given shardings from these rules, their inputs and
+outputs are pinned to them (without, they follow their inputs), so the same code runs on one CPU and on
+a pod by changing the mesh. TopK's `lax.top_k`
 over a sharded `d_sae` is still a global top-k (XLA gathers what it needs), so codes are the same on
 every mesh.
 
@@ -22,7 +23,7 @@ Typical use:
     x = shard(x, batch_sharding(mesh))                   # f32[batch, d_model] or int[batch, seq]
     state, metrics = step(state, x)
 
-`shard` is the only `jax.device_put` with a sharding in jaxsae.
+`shard`, `global_batch` and `batch_from_global` are the only `jax.device_put`s with a sharding in jaxsae.
 """
 
 from __future__ import annotations
@@ -292,28 +293,27 @@ def jit_step(step, in_shardings=None, state_sharding=None):
                    out_shardings=(state_sharding, replicated(mesh)))
 
 
+def check_splits(shape: tuple[int, ...], sharding) -> None:
+    """Raises ValueError naming the fix when a dim of `shape` does not split over its mesh axes
+    (instead of XLA's message)."""
+    if not isinstance(sharding, NamedSharding):
+        return
+    for dim, axes in zip(shape, sharding.spec):
+        size = math.prod(sharding.mesh.shape[a] for a in _mesh_axes(axes))
+        if dim % size:
+            raise ValueError(f"an array of shape {tuple(shape)} cannot be split {size} ways along {axes!r} "
+                             f"(spec {sharding.spec}): make that dim a multiple of {size}, e.g. the batch a "
+                             f"multiple of the mesh's data axis")
+
+
 def shard(tree, shardings):
     """Places `tree` (arrays or numpy) onto `shardings` (a matching pytree, or one sharding for all).
 
-    The one place jaxsae calls `jax.device_put` with a sharding. A dim that its mesh axes do not divide
-    is reported with the fix instead of XLA's message.
+    With `global_batch` and `batch_from_global`, the only `jax.device_put` with a sharding in jaxsae.
     """
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-
-    def check(x, s):
-        if isinstance(s, NamedSharding):
-            for dim, axes in zip(_shape(x), s.spec):
-                size = math.prod(s.mesh.shape[a] for a in _mesh_axes(axes))
-                if dim % size:
-                    raise ValueError(f"an array of shape {_shape(x)} cannot be split {size} ways along "
-                                     f"{axes!r} (spec {s.spec}): make that dim a multiple of {size}, e.g. "
-                                     f"the batch a multiple of the mesh's data axis")
-        return x
-
-    jax.tree.map(check, tree, shardings)
-    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
-        return tree  # only checked
+    jax.tree.map(lambda x, s: check_splits(_shape(x), s), tree, shardings)
     return jax.device_put(tree, shardings)
 
 
@@ -325,7 +325,7 @@ def global_batch(local, sharding: NamedSharding):
     """
     local = np.asarray(local)
     n = local.shape[0] * jax.process_count()
-    shard(jax.ShapeDtypeStruct((n, *local.shape[1:]), local.dtype), sharding)  # the divisibility message
+    check_splits((n, *local.shape[1:]), sharding)
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, local, (n, *local.shape[1:]))
@@ -335,7 +335,7 @@ def batch_from_global(full, sharding: NamedSharding):
     """The global batch array from the whole batch, which every process holds (the fine-tune window):
     each process places just the rows its devices hold, whatever the mesh's layout over hosts."""
     full = np.asarray(full)
-    shard(jax.ShapeDtypeStruct(full.shape, full.dtype), sharding)
+    check_splits(full.shape, sharding)
     if jax.process_count() == 1:
         return jax.device_put(full, sharding)
     return jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
