@@ -168,3 +168,22 @@ def test_url_run_dir_keeps_checkpoints_remote_and_copies_the_small_files(tmp_pat
     fresh.run_dir.mkdir()
     sync_remote(fresh, down=True)  # a resumed run on a new VM continues the metrics
     assert (fresh.run_dir / "metrics.jsonl").exists() and (fresh.run_dir / "eval.json").read_text() == "{}"
+
+
+def test_resuming_another_adapter_names_the_key():
+    """check_checkpoint covers the SAE and, in the adapter phase, the adapter the checkpoint holds."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from jaxsae.config import ConfigError, load_config, sae_config
+    from jaxsae.train.run import check_checkpoint
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["adapter.kind=sae_lora", "adapter.rank=2"])
+    sae_cfg = sae_config(cfg, 128)
+    ctx = SimpleNamespace(cfg=cfg, sae_cfg=sae_cfg)
+    meta = {"sae": dataclasses.asdict(sae_cfg), "adapter": {**dataclasses.asdict(cfg.adapter), "rank": 64}}
+    ckpt = SimpleNamespace(directory="ck", latest_step=lambda: 5, restore_meta=lambda: meta)
+    check_checkpoint(ckpt, ctx, "finetune")  # the SAE matches; only the adapter phase looks at the adapter
+    with pytest.raises(ConfigError, match=r"holds a adapter checkpoint of an adapter with rank=64, but the "
+                                          r"config says adapter.rank=2: use a new --run-dir"):
+        check_checkpoint(ckpt, ctx, "adapter")

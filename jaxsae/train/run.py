@@ -179,19 +179,24 @@ def kl_parts(cfg: C.RunConfig, phase: str, sae_cfg, mesh, lm, lm_sh, fresh, scal
 
 
 def check_checkpoint(ckpt: Checkpointer, ctx: Context, phase: str) -> None:
-    """A run directory whose checkpoints hold another SAE (the config changed) fails clearly, not in Orbax."""
+    """A run directory whose checkpoints hold another SAE (or, for `adapter`, another adapter) than the
+    config says fails clearly, not in Orbax."""
     if ckpt.latest_step() is None:
         return
+    meta = ckpt.restore_meta()
     # a field the checkpoint predates counts as its default; `decode` only picks how x_hat is computed
     defaults = {f.name: f.default for f in dataclasses.fields(ctx.sae_cfg)}
-    saved = {**defaults, **ckpt.restore_meta().get("sae", {})}
-    want = dataclasses.asdict(ctx.sae_cfg)
-    diff = [k for k in want if saved.get(k) != want[k] and k != "decode"]
-    if diff:
-        k = diff[0]
-        raise C.ConfigError(
-            f"{ckpt.directory} holds a {phase} checkpoint of an SAE with {k}={saved.get(k)!r}, but the config says "
-            f"sae.{k}={want[k]!r}: use a new --run-dir, or set sae.{k} back to resume")
+    wanted = [("sae", "an SAE", {**defaults, **meta.get("sae", {})}, dataclasses.asdict(ctx.sae_cfg),
+               [k for k in defaults if k != "decode"])]
+    if phase == "adapter":
+        wanted.append(("adapter", "an adapter", meta.get("adapter", {}), dataclasses.asdict(ctx.cfg.adapter),
+                       ["kind", "rank", "lm_layers", "loss"]))
+    for section, noun, saved, want, keys in wanted:
+        k = next((k for k in keys if saved.get(k) != want[k]), None)
+        if k is not None:
+            raise C.ConfigError(
+                f"{ckpt.directory} holds a {phase} checkpoint of {noun} with {k}={saved.get(k)!r}, but the config "
+                f"says {section}.{k}={want[k]!r}: use a new --run-dir, or set {section}.{k} back to resume")
 
 
 def collect_store(ctx: Context) -> None:
@@ -320,12 +325,6 @@ def kl_phase(ctx: Context, phase: str, start_params=None, start_dead=None, l0_ta
     ckpt = ctx.checkpointer(phase)
     check_checkpoint(ckpt, ctx, phase)
     start = ckpt.latest_step() or 0
-    if start and phase == "adapter":
-        saved = ckpt.restore_meta().get("adapter", {})
-        for k in ("kind", "rank", "lm_layers", "loss"):
-            if saved.get(k) != getattr(cfg.adapter, k):
-                raise C.ConfigError(f"{ckpt.directory} holds an adapter with {k}={saved.get(k)!r}, but the config "
-                                    f"says adapter.{k}={getattr(cfg.adapter, k)!r}: use a new --run-dir")
     if start:
         state, _ = ckpt.restore(abstract_with(parts.abstract, parts.state_sh), start)
         ctx.log.rewind(phase, start)
