@@ -13,6 +13,7 @@ collection resumes per process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -177,7 +178,7 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
             if delay:
                 time.sleep(delay)
 
-    rows_of = _residual_rows(lm, layer, drop, np_dtype, mesh)
+    rows_of = _residual_rows(lm, layer, drop, np_dtype, batch_contexts, mesh)
     per_batch = batch_contexts * r
     b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
 
@@ -185,9 +186,7 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
         contexts = iter_contexts(source, tokenizer, context, bos_id=bos, eos_id=eos,
                                  skip_contexts=b0 * batch_contexts)
         for toks in _batch(contexts, batch_contexts, drop_last=False):
-            n_real = len(toks)  # pad the last batch so its shape (and compiled program) stays the same
-            toks = np.concatenate([toks, np.zeros((batch_contexts - n_real, context), np.int32)])
-            yield n_real, rows_of(toks)
+            yield len(toks), rows_of(toks)
 
     skip, pos = done - b0 * per_batch, done  # pos: first row not yet handed to tensorstore
     buf: list[np.ndarray] = []
@@ -243,18 +242,23 @@ def _check_processes(meta: Mapping[str, Any], n: int, url: str) -> None:
                          f"{begun} process(es), or collect into a fresh path")
 
 
-def _residual_rows(lm, layer: int, drop: int, np_dtype, mesh=None):
-    """toks: int[batch, context] -> rows [batch * (context - drop), D]; with `mesh`, the batch is split
-    over its data axis (a numpy batch would otherwise be replicated: every device computing all of it)."""
+def _residual_rows(lm, layer: int, drop: int, np_dtype, batch: int, mesh=None):
+    """toks: int[n <= batch, context] -> rows [batch * (context - drop), D] (on device; the first
+    n * (context - drop) are real). The batch is zero-padded to `batch` rows, so its shape (and the
+    compiled program) stays the same. With `mesh`, it is split over the data axis (a numpy batch would
+    otherwise be replicated: every device computing all of it)."""
     import jax
 
     from jaxsae.sharding import batch_from_global, batch_sharding
 
     post = jax.jit(lambda h: h[:, drop:].reshape(-1, h.shape[-1]).astype(np_dtype))
-    if mesh is None:
-        return lambda toks: post(lm.residual(toks, layer))
-    sh = batch_sharding(mesh)
-    return lambda toks: post(lm.residual(batch_from_global(toks, sh), layer))
+    place = (lambda t: t) if mesh is None else functools.partial(batch_from_global, sharding=batch_sharding(mesh))
+
+    def rows_of(toks):
+        toks = np.concatenate([toks, np.zeros((batch - len(toks), toks.shape[1]), np.int32)])
+        return post(lm.residual(place(toks), layer))
+
+    return rows_of
 
 
 def _local_mesh(lm, batch_contexts: int):
@@ -329,7 +333,7 @@ def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, cont
         prog = {"created": meta["created"], "shards_done": 0, "text_rows": None}
     todo = mine[prog["shards_done"]:]
     local_lm, local_mesh = _local_mesh(lm, batch_contexts)
-    rows_of = _residual_rows(local_lm, layer, drop, _np_dtype(dtype), local_mesh)
+    rows_of = _residual_rows(local_lm, layer, drop, _np_dtype(dtype), batch_contexts, local_mesh)
     delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", disable=not progress or me != 0,
                desc=f"collect {hook_name(layer)} ({n_proc} processes)", dynamic_ncols=True)
@@ -351,8 +355,7 @@ def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, cont
                     ctxs.append(c)
                 if i == c1 - 1:
                     break
-            rows = [np.asarray(rows_of(np.concatenate([t, np.zeros((batch_contexts - len(t), context), np.int32)])))
-                    [:len(t) * r] for t in _batch(iter(ctxs), batch_contexts, drop_last=False)]
+            rows = [np.asarray(rows_of(t))[:len(t) * r] for t in _batch(iter(ctxs), batch_contexts, drop_last=False)]
             rows = np.concatenate(rows) if rows else np.zeros((0, d), _np_dtype(dtype))
             part = rows[start - c0 * r:][:end - start]
             if len(part):
