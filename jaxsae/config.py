@@ -156,7 +156,7 @@ class EvalCfg:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
-    phases: tuple = ("mse", "finetune")  # any of mse, finetune (needs mse), e2e
+    phases: tuple = ("mse", "finetune")  # of mse, finetune (after mse, or finetune.init_from), e2e, adapter (after mse)
     model: ModelCfg = ModelCfg()
     mesh: MeshCfg = MeshCfg()
     hook: HookCfg = HookCfg()
