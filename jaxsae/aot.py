@@ -103,48 +103,63 @@ def _summarise(name: str, compiled) -> Compiled:
 
 
 def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], object]:
-    """Lowers and compiles the run's steps for `devices` (a list, maybe of a described topology).
-
-    The steps come from the trainer's own builders (`jaxsae.train.run.mse_parts` / `kl_parts`).
-    Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct.
-    """
-    from jaxsae import config as C
+    """Lowers and compiles the step of every listed phase for `devices` (a list, maybe of a described
+    topology), from the trainer's own builders (`jaxsae.train.mse.mse_parts`, `jaxsae.train.kl_phase.kl_parts`).
+    Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct."""
+    from jaxsae import phases as P
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
     from jaxsae.models.lm import LM, abstract_params
-    from jaxsae.sae import init_sae
+    from jaxsae.models.shipped import resolve_model_path
     from jaxsae.sharding import abstract_with, lm_param_shardings
-    from jaxsae.train.finetune import init_ft_state
-    from jaxsae.train.loop import resolve_model_path
-    from jaxsae.train.run import kl_parts, mesh_for, mse_parts
+    from jaxsae.splice import Splice
+    from jaxsae.train.context import mesh_for
+    from jaxsae.train.kl_phase import kl_parts
+    from jaxsae.train.mse import mse_parts
+    from jaxsae.validate import check_against_model, sae_config
 
     mcfg = read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
-    C.check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     mesh = mesh_for(cfg, devices, n_processes)
-    sae_cfg = C.sae_config(cfg, mcfg.d_model)
+    sae_cfg = sae_config(cfg, mcfg.d_model)
+    lm_sh = lm_param_shardings(mcfg, mesh, cfg.model.lm_sharding)
     out = []
-    if "mse" in cfg.phases:
-        p = mse_parts(cfg, sae_cfg, mesh)
-        dtype = jax.numpy.bfloat16 if cfg.store.dtype == "bfloat16" else np.dtype(cfg.store.dtype)
-        x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), dtype, sharding=p.batch_sh)
-        out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x)))
-
-    for phase in [p for p in ("finetune", "e2e") if p in cfg.phases]:
-        lm_sh = lm_param_shardings(mcfg, mesh, cfg.model.lm_sharding)
-        dead = np.zeros(sae_cfg.d_sae, np.int32)
-
-        def fresh(tx):
-            return init_ft_state(init_sae(sae_cfg, jax.random.PRNGKey(0)), tx, sae_cfg, dead, sae_cfg.l1_coeff,
-                                 0.0, 0)
-
-        p = kl_parts(cfg, phase, sae_cfg, mesh, LM(mcfg, None), lm_sh, fresh, scale=1.0)
-        tokens = jax.ShapeDtypeStruct((getattr(cfg, phase).batch_sequences, cfg.data.context), np.int32,
+    for phase in P.ordered(cfg.phases):
+        if phase.name == "mse":
+            p = mse_parts(cfg, sae_cfg, mesh)
+            dtype = jax.numpy.bfloat16 if cfg.store.dtype == "bfloat16" else np.dtype(cfg.store.dtype)
+            x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), dtype, sharding=p.batch_sh)
+            out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x)))
+            continue
+        p = kl_parts(cfg, phase, sae_cfg, mesh, Splice(LM(mcfg, None), cfg.hook.layer, 1.0,
+                                                        cfg.data.include_first_position),
+                     lm_sh, _abstract_first(cfg, phase, sae_cfg, mcfg), continues=bool(phase.starts))
+        tokens = jax.ShapeDtypeStruct((getattr(cfg, phase.section).batch_sequences, cfg.data.context), np.int32,
                                       sharding=p.batch_sh)
         lowered = p.step.lower(abstract_with(p.abstract, p.state_sh), abstract_with(abstract_params(mcfg), lm_sh),
                                tokens)
-        out.append(_compile(f"{phase} step (fused KL+MSE)", lowered))
-        break  # finetune and e2e compile the same step
+        out.append(_compile(f"{phase.name} step (fused KL+MSE)", lowered))
     return out, mesh
+
+
+def _abstract_first(cfg, phase, sae_cfg, mcfg):
+    """fresh(tx) -> the phase's first state, from abstract SAE and LM params."""
+    from jaxsae.models.lm import abstract_params, param_axes
+    from jaxsae.sae import init_sae
+    from jaxsae.train.finetune import init_ft_state
+    from jaxsae.train.pipeline import adapter_of_cfg
+
+    dead = np.zeros(sae_cfg.d_sae, np.int32)
+    compose = adapter_of_cfg(cfg, mcfg.d_model, mcfg.n_layers) if phase.holds == "adapter" else None
+
+    def fresh(tx):
+        sae = init_sae(sae_cfg, jax.random.PRNGKey(0))
+        if compose is None:
+            return init_ft_state(sae, tx, sae_cfg, dead, sae_cfg.l1_coeff, 0.0, 0)
+        trainable, _ = compose.init(jax.random.PRNGKey(0), sae, abstract_params(mcfg), param_axes(mcfg))
+        return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, 0.0, 0, frozen=sae)
+
+    return fresh
 
 
 def _gib(n: int) -> str:

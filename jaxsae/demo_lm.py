@@ -31,7 +31,7 @@ from jaxsae.data.tokenizer import train_bpe_tokenizer
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 
-SHIPPED = Path(__file__).parent / "assets" / "pythia-stdlib"
+from jaxsae.models.shipped import SHIPPED  # noqa: E402  (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)

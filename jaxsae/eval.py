@@ -32,15 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsae.evaluate import evaluate
     from jaxsae.models import load_lm
     from jaxsae.models.hf import CheckpointError
-    from jaxsae.train.loop import eval_sequences
+    from jaxsae.data.windows import eval_sequences
+    from jaxsae.splice import Splice
 
     try:
         sae = jaxsae.load_sae(a.path)
         cfg = load_config(find_run_config(a.path.absolute()), a.overrides)
         lm = load_lm(sae.meta["model"], cfg.model.dtype)
         seqs = eval_sequences(cfg, lm.tokenizer)
-        m = evaluate(lm, sae.module, sae.params, seqs, sae.meta["hook_layer"], sae.scale,
-                     include_first=cfg.data.include_first_position, batch=cfg.eval.batch_sequences)
+        sp = Splice(lm, sae.meta["hook_layer"], sae.scale, cfg.data.include_first_position)
+        m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

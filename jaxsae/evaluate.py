@@ -26,12 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def position_mask(shape: tuple[int, int], include_first: bool) -> jax.Array:
-    """bool[b, t]: which positions are spliced and counted."""
-    b, t = shape
-    m = jnp.ones((b, t), bool)
-    return m if include_first else m.at[:, 0].set(False)
+from jaxsae.splice import Splice, branch_logits, kl_per_token, splice
 
 
 def next_token_ce(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -45,65 +40,39 @@ def next_token_ce(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tupl
     return jnp.sum(nll * m), jnp.sum(m)
 
 
-def kl_per_token(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Array:
-    """KL(p_clean || p_spliced) in nats, f32[b, t], over the full vocabulary."""
-    lp = jax.nn.log_softmax(clean_logits.astype(jnp.float32), axis=-1)
-    lq = jax.nn.log_softmax(spliced_logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+def batch_sums(sp: Splice, lm_params, sae_cfg, sae_params, tokens, compose=None, trainable=None) -> dict:
+    """Sums of every metric over one batch tokens: int[b, t] (pure; `evaluate` jits and accumulates it).
 
-
-def make_eval_step(lm, sae_module, layer: int, scale: float, include_first: bool, compose=None):
-    """A jit-compiled function (lm_params, sae_params, tokens, trainable=None) -> dict of sums for one batch.
-
-    The prefix up to the hook runs once; the three suffixes (clean, spliced, zero) run as one batch
-    (with an adapted LM, the spliced suffix runs on its own params).
-    """
+    The prefix runs once; the clean, spliced and zero-ablated suffixes run as one batch (with an adapted
+    LM, the spliced suffix runs on its own params)."""
+    from jaxsae.sae import make_sae
     from jaxsae.train.adapters import identity_composition
 
-    def step(lm_params, sae_params, tokens, trainable=None):
-        comp = (identity_composition(sae_params, lm_params) if compose is None
-                else compose(trainable, sae_params, lm_params))
-        mask = position_mask(tokens.shape, include_first)
-        x0 = lm.prefix(tokens, layer, params=lm_params)  # [b, t, D], the original model's
-        x = lm.prefix(tokens, layer, params=comp.lm_params) if comp.rerun_prefix else x0
-        x_hat_n, out = sae_module.apply({"params": comp.sae_params}, x / scale, train=False)
-        if comp.out_map is not None:
-            x_hat_n = comp.out_map(x_hat_n)
-        x_hat = x_hat_n * scale
-        m3 = mask[..., None]
-        spliced = jnp.where(m3, x_hat.astype(x.dtype), x)
-        zero = jnp.where(m3, jnp.zeros_like(x0), x0)
-        b = tokens.shape[0]
-        if comp.lm_params is lm_params:
-            logits = lm.suffix(jnp.concatenate([x0, spliced, zero]), layer, params=lm_params)
-            clean_l, spliced_l, zero_l = logits[:b], logits[b:2 * b], logits[2 * b:]
-        else:
-            logits = lm.suffix(jnp.concatenate([x0, zero]), layer, params=lm_params)
-            clean_l, zero_l = logits[:b], logits[b:]
-            spliced_l = lm.suffix(spliced, layer, params=comp.lm_params)
-        ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
-        kl = kl_per_token(clean_l, spliced_l)
-        xf, xh = x.astype(jnp.float32), x_hat.astype(jnp.float32)
-        mf = mask.astype(jnp.float32)
-        active = (out.f > 0) & mask[..., None]
-        dot = jnp.sum(xf * xh, -1)
-        nx, nh = jnp.linalg.norm(xf, axis=-1), jnp.linalg.norm(xh, axis=-1)
-        return dict(
-            ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=jnp.sum(mask[:, :-1]),
-            kl=jnp.sum(kl * mf), n=jnp.sum(mf),
-            sq_err=jnp.sum(jnp.sum((xf - xh) ** 2, -1) * mf),
-            x_sum=jnp.sum(xf * m3, axis=(0, 1)), x_sq=jnp.sum(jnp.sum(xf ** 2, -1) * mf),
-            l0=jnp.sum(jnp.sum(active, -1) * mf), fired=jnp.any(active, axis=(0, 1)),
-            cos=jnp.sum(dot / jnp.maximum(nx * nh, 1e-12) * mf),
-            norm_ratio=jnp.sum(nh / jnp.maximum(nx, 1e-12) * mf),
-        )
-
-    return jax.jit(step)
+    module = make_sae(sae_cfg)
+    comp = (identity_composition(sae_params, lm_params) if compose is None
+            else compose(trainable, sae_params, lm_params))
+    s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=False), comp)
+    clean_l, spliced_l, zero_l = branch_logits(sp, lm_params, comp, s, zero=True, joint=True)
+    mask, m3 = s.mask, s.mask[..., None]
+    ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
+    xf, xh = s.x_in.astype(jnp.float32), s.x_hat_n * sp.scale
+    mf = mask.astype(jnp.float32)
+    active = (s.out.f > 0) & m3
+    dot = jnp.sum(xf * xh, -1)
+    nx, nh = jnp.linalg.norm(xf, axis=-1), jnp.linalg.norm(xh, axis=-1)
+    return dict(
+        ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=jnp.sum(mask[:, :-1]),
+        kl=jnp.sum(kl_per_token(clean_l, spliced_l) * mf), n=jnp.sum(mf),
+        sq_err=jnp.sum(jnp.sum((xf - xh) ** 2, -1) * mf),
+        x_sum=jnp.sum(xf * m3, axis=(0, 1)), x_sq=jnp.sum(jnp.sum(xf ** 2, -1) * mf),
+        l0=jnp.sum(jnp.sum(active, -1) * mf), fired=jnp.any(active, axis=(0, 1)),
+        cos=jnp.sum(dot / jnp.maximum(nx * nh, 1e-12) * mf),
+        norm_ratio=jnp.sum(nh / jnp.maximum(nx, 1e-12) * mf),
+    )
 
 
-def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: float,
-             include_first: bool = False, batch: int = 8, lm_params: Any = None, compose=None,
-             trainable: Any = None, mesh=None) -> dict[str, float]:
+def evaluate(sp: Splice, sae_cfg, sae_params, tokens: np.ndarray, batch: int = 8, lm_params: Any = None,
+             compose=None, trainable: Any = None, mesh=None) -> dict[str, float]:
     """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required).
     compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`).
     mesh: split each batch over the mesh's data axis (without, a numpy batch is replicated: every
@@ -111,8 +80,8 @@ def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: 
     from jaxsae.sharding import batch_from_global, batch_sharding
 
     place = jnp.asarray if mesh is None else functools.partial(batch_from_global, sharding=batch_sharding(mesh))
-    step = _cached_step(lm, sae_module, layer, float(scale), include_first, compose)
-    lm_params = lm.params if lm_params is None else lm_params
+    step = _jit_sums(sp, sae_cfg, compose)
+    lm_params = sp.lm.params if lm_params is None else lm_params
     acc: dict[str, Any] = {}
     n_batches = max(1, len(tokens) // batch)
     for i in range(n_batches):
@@ -126,12 +95,13 @@ def evaluate(lm, sae_module, sae_params, tokens: np.ndarray, layer: int, scale: 
         ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero, ce_gap=ce_spliced - ce_clean,
         loss_recovered=(ce_zero - ce_spliced) / (ce_zero - ce_clean),
         kl=float(acc["kl"]) / n, fve=1.0 - float(acc["sq_err"]) / total_var,
-        mse_normalized=float(acc["sq_err"]) / n / scale ** 2,
+        mse_normalized=float(acc["sq_err"]) / n / sp.scale ** 2,
         l0=float(acc["l0"]) / n, dead_fraction=float(1.0 - np.mean(acc["fired"])),
         cos=float(acc["cos"]) / n, norm_ratio=float(acc["norm_ratio"]) / n, eval_tokens=int(n),
     )
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(lm, sae_module, layer, scale, include_first, compose):
-    return make_eval_step(lm, sae_module, layer, scale, include_first, compose)
+def _jit_sums(sp: Splice, sae_cfg, compose):
+    return jax.jit(lambda lm_params, sae_params, tokens, trainable: batch_sums(sp, lm_params, sae_cfg, sae_params,
+                                                                            tokens, compose, trainable))

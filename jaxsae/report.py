@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxsae import phases as P
+
 # The paper's reported effects (PAPER.md "Results to compare against", derived from its figure data).
 PAPER = {
     "gap_reduction_finetune": "Pythia-160M TopK: 31%; Gemma-2-2B TopK 16k: 47% (k=20), 28% (k=40), 25% (k=80), 3% (k=160)",
@@ -30,16 +32,22 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def baseline(ev: dict) -> str | None:
-    """The phase a fine-tune starts from: the MSE SAE, or an imported one (`init`)."""
+    """The SAE every other row is compared with: the MSE SAE, or an imported one (`init`)."""
     return next((p for p in ("mse", "init") if p in ev), None)
 
 
 def gap_closed(ev: dict, phase: str) -> float | None:
-    """Fraction of the starting SAE's (MSE-trained or imported) CE gap that `phase` removes."""
+    """Fraction of the baseline SAE's (MSE-trained or imported) CE gap that `phase` removes."""
     base = baseline(ev)
     if base is None or phase not in ev or phase == base or ev[base]["ce_gap"] <= 0:
         return None
     return 1.0 - ev[phase]["ce_gap"] / ev[base]["ce_gap"]
+
+
+def token_offset(ev: dict, phase: str) -> int:
+    """Where `phase`'s tokens start on the plot's axis: after the tokens of the SAE it continues."""
+    start = ev.get(phase, {}).get("start")
+    return 0 if start not in ev else token_offset(ev, start) + ev[start].get("phase_tokens", 0)
 
 
 def markdown(run_dir: Path) -> str:
@@ -51,11 +59,15 @@ def markdown(run_dir: Path) -> str:
         cells = [f"{m[k]:,.{p}f}" if isinstance(m.get(k), (int, float)) else "" for k, _, p in COLUMNS]
         lines.append(f"| {phase} | " + " | ".join(cells) + " |")
     lines += ["", "| effect | this run | paper |", "|---|---|---|"]
-    for phase, key in (("finetune", "gap_reduction_finetune"), ("e2e", "gap_reduction_e2e")):
+    for phase in [p.name for p in P.PHASES if p.name in ev]:
         g = gap_closed(ev, phase)
         if g is not None:
             what = "the MSE SAE" if baseline(ev) == "mse" else "the imported SAE"
-            lines.append(f"| CE gap closed by {phase} (vs {what}) | {100 * g:.1f}% | {PAPER[key]} |")
+            paper = PAPER.get(f"gap_reduction_{phase}", "")
+            lines.append(f"| CE gap closed by {phase} (vs {what}) | {100 * g:.1f}% | {paper} |")
+    if "control" in ev and "finetune" in ev and gap_closed(ev, "control") is not None:
+        net = gap_closed(ev, "finetune") - gap_closed(ev, "control")
+        lines.append(f"| KL effect net of the extra tokens (finetune - control) | {100 * net:.1f}% | |")
     if "finetune" in ev and "init" in ev:
         lines.append(f"| L0 before / after the fine-tune | {ev['init']['l0']:.1f} / {ev['finetune']['l0']:.1f} | "
                      "kept |")
@@ -77,13 +89,9 @@ def plot(run_dir: Path) -> None:
     ev = json.loads((run_dir / "eval.json").read_text())
     rows = _metrics(run_dir)
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    mse_tokens = ev.get("mse", {}).get("phase_tokens", 0)
-    # the adapter trains on the fine-tune's window, after the fine-tune when there is one
-    offset = {"mse": 0, "finetune": mse_tokens, "e2e": 0,
-              "adapter": mse_tokens + ev.get("finetune", {}).get("phase_tokens", 0)}
-    colors = {"mse": "tab:blue", "init": "tab:purple", "finetune": "tab:red", "e2e": "tab:green",
-              "adapter": "tab:orange"}
-    for phase in ("mse", "finetune", "e2e", "adapter"):
+    offset = {p: token_offset(ev, p) for p in P.NAMES}
+    colors = {"init": "tab:purple", **{p.name: p.color for p in P.PHASES}}
+    for phase in P.NAMES:
         pr = [r for r in rows if r["phase"] == phase and "train/mse" in r]
         if pr:
             ax1.plot([r["tokens"] + offset[phase] for r in pr], [r["train/mse"] for r in pr],

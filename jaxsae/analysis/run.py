@@ -48,24 +48,23 @@ class RunInfo:
 
 
 def _latest_phase(run_dir: Path) -> Path:
-    from jaxsae.checkpoint import Checkpointer
+    from jaxsae.sae.load import checkpoint_dir
 
     root = run_dir / "checkpoints"
     if not root.is_dir():
         raise AnalysisError(f"{run_dir} has no checkpoints/ directory: point at a run directory written by "
                             "`python -m jaxsae.train` (it needs at least one finished phase)")
-    for phase in ("finetune", "mse", "e2e"):
-        d = root / phase
-        if d.is_dir() and any(p.name.isdigit() for p in d.iterdir()) and Checkpointer(d).latest_step() is not None:
-            return d
-    raise AnalysisError(f"{root} holds no finished checkpoint: let the run save one (checkpoint.every_steps) "
-                        "or finish it, then analyse again")
+    try:
+        return checkpoint_dir(run_dir)[0]
+    except FileNotFoundError:
+        raise AnalysisError(f"{root} holds no finished checkpoint: let the run save one (checkpoint.every_steps) "
+                            "or finish it, then analyse again") from None
 
 
 def inspect_run(run_dir: str | Path) -> RunInfo:
     """Reads config.yaml and the latest checkpoint's meta; raises AnalysisError naming the fix."""
     from jaxsae.checkpoint import Checkpointer
-    from jaxsae.train.loop import resolve_model_path
+    from jaxsae.models.shipped import resolve_model_path
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

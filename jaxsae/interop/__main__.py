@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = yaml.safe_load(rc_path.read_text()) if rc_path else None
             out = interop.export(sae, a.out_dir, a.format, run_config=rc, model_name=a.model_name)
         else:
-            from jaxsae.train.loop import resolve_model_path
+            from jaxsae.models.shipped import resolve_model_path
 
             model = resolve_model_path(a.model) if a.model else None  # "shipped" -> its directory
             sae = interop.load(a.path, a.format, layer=a.layer, model=model)

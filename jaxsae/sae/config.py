@@ -43,9 +43,9 @@ class SAEConfig:
         gather along d_sae, which a mesh with model > 1 has to all-gather).
     """
 
-    kind: str
-    d_model: int
-    d_sae: int
+    kind: str = "topk"
+    d_model: int = 0  # 0 in a run config: the trainer fills in the model's width
+    d_sae: int = 4096
     k: int = 32
     l1_coeff: float = 0.0
     l1_warmup_steps: int = 0
@@ -72,15 +72,16 @@ class SAEConfig:
     def unit_norm_decoder(self) -> bool:
         return self.kind in UNIT_NORM_KINDS
 
-    def validate(self) -> "SAEConfig":
-        """Raise ValueError (one line naming the field and the fix); return self."""
+    def validate(self, require_d_model: bool = True) -> "SAEConfig":
+        """Raise ValueError (one line naming the field and the fix); return self. require_d_model=False
+        checks a run config's `sae:` section, whose d_model (0) comes from the model later."""
 
         def fail(msg: str):
             raise ValueError(msg)
 
         if self.kind not in KINDS:
             fail(f"sae.kind={self.kind!r} is unknown: choose one of {', '.join(KINDS)}")
-        for name in ("d_model", "d_sae", "k"):
+        for name in ("d_model", "d_sae", "k") if require_d_model else ("d_sae", "k"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 fail(f"sae.{name}={v!r} must be a positive integer: set sae.{name} >= 1")

@@ -35,12 +35,14 @@ class LoadedSAE:
         return self.module.apply({"params": self.params}, jnp.asarray(f), method="decode") * self.scale
 
 
-def _checkpoint_dir(path: Path):
+def checkpoint_dir(path: Path):
     """Accepts a run dir, a phase dir (checkpoints/mse) or a step dir (checkpoints/mse/500)."""
     from jaxsae.checkpoint import Checkpointer
 
     if (path / "checkpoints").is_dir():
-        for phase in ("finetune", "mse"):
+        from jaxsae.phases import sae_phases
+
+        for phase in reversed([p.name for p in sae_phases()]):  # the last phase that ran
             d = path / "checkpoints" / phase
             if d.is_dir() and Checkpointer(d).latest_step() is not None:
                 return d, None
@@ -55,7 +57,7 @@ def _checkpoint_dir(path: Path):
 def load_sae(path: str | Path) -> LoadedSAE:
     from jaxsae.checkpoint import Checkpointer
 
-    d, step = _checkpoint_dir(Path(path))
+    d, step = checkpoint_dir(Path(path))
     state, meta = Checkpointer(d).restore_raw(step)
     cfg = SAEConfig(**meta["sae"])
     params = {k: jnp.asarray(np.asarray(v)) for k, v in state["params"].items()}

@@ -1,7 +1,7 @@
 """`python -m jaxsae.train --config configs/NAME.yaml [--set key.path=value ...] [--run-dir DIR]`.
 
 Parses and checks the config, initialises distributed JAX when the environment asks for it, logs the
-device layout and hands over to `jaxsae.train.run`. User errors end with one line, no traceback.
+device layout and hands over to `jaxsae.train.pipeline`. User errors end with one line, no traceback.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         print(f"jaxsae: {jax.process_count()} process(es), devices {jax.devices()}", file=sys.stderr)
-        from jaxsae.train.run import run
+        from jaxsae.train.pipeline import run
 
         run(cfg, run_dir)
     except (ConfigError, StoreError, CheckpointError) as e:

@@ -26,15 +26,32 @@ fine-tune is the case compose=None (trainable = SAE params).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsae.evaluate import kl_per_token, position_mask
-from jaxsae.sae import SAEConfig, dead_mask, maybe_unit_norm_decoder, update_dead_counter
+from jaxsae.sae import SAEConfig, dead_mask, make_sae, maybe_unit_norm_decoder, update_dead_counter
 from jaxsae.sharding import jit_step
+from jaxsae.splice import Splice, branch_logits, kl_per_token, splice
 from jaxsae.train.adapters import identity_composition
 from jaxsae.train.mse import post_update
+
+
+@dataclasses.dataclass(frozen=True)
+class KLLoss:
+    """How a step weighs its terms (static: part of the compiled step).
+
+    kl_share: s in (1 - s)·MSE + s·β·KL; ½ is the paper's, 0 the MSE-only control (no suffix runs).
+    kl_only: loss = KL alone (LoRA on the LM: the MSE target moves with the LM).
+    l1_controller: hold L0 at the state's l0_target by moving λ by ±l1_rate per step (ReLU SAEs).
+    """
+
+    kl_share: float = 0.5
+    kl_only: bool = False
+    l1_controller: bool = False
+    l1_rate: float = 0.001
 
 
 def finetune_optimizer(lr: float, total_steps: int, sae_cfg: SAEConfig | None, weight_decay: float = 0.01,
@@ -60,39 +77,34 @@ def init_ft_state(params, tx, sae_cfg: SAEConfig, dead, l1_coeff: float, l0_targ
     return state if frozen is None else {**state, "frozen": frozen}
 
 
-def kl_mse_loss(lm, lm_params, layer: int, sae_module, sae_cfg: SAEConfig, params, tokens, *, scale: float,
-                include_first: bool, kl_share: float, dead, l1_coeff, compose=None, frozen=None,
-                kl_only: bool = False):
+def kl_mse_loss(sp: Splice, lm_params, sae_cfg: SAEConfig, params, tokens, loss: KLLoss, *, dead, l1_coeff,
+                compose=None, frozen=None):
     """The fused loss. tokens: int[b, t]. Returns (loss, aux dict).
 
     params: the differentiated pytree: the SAE's, or with `compose` an adapter's around the `frozen` SAE.
-    dead: the dead-latent counter, or None to skip AuxK (a frozen SAE). kl_only: loss = KL (LoRA on the LM).
+    dead: the dead-latent counter, or None to skip AuxK (a frozen SAE).
     """
+    module = make_sae(sae_cfg)
     comp = identity_composition(params, lm_params) if compose is None else compose(params, frozen, lm_params)
-    mask = position_mask(tokens.shape, include_first)  # bool[b, t]
-    mf = mask.astype(jnp.float32)
+    mask_dead = None if dead is None else dead_mask(dead, sae_cfg)
+    s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=True, l1_coeff=l1_coeff,
+                                                                 dead=mask_dead), comp)
+    mf = s.mask.astype(jnp.float32)
     n = jnp.maximum(mf.sum(), 1.0)
-    x = jax.lax.stop_gradient(lm.prefix(tokens, layer, params=lm_params))  # [b, t, D], once
-    clean = jax.lax.stop_gradient(lm.suffix(x, layer, params=lm_params))  # [b, t, V]
-    # an LM adapted before the hook gives the spliced branch its own residual
-    xs = lm.prefix(tokens, layer, params=comp.lm_params) if comp.rerun_prefix else x
-    xn = xs.astype(jnp.float32) / scale
-    x_hat_n, out = sae_module.apply({"params": comp.sae_params}, xn, train=True, l1_coeff=l1_coeff,
-                                    dead=None if dead is None else dead_mask(dead, sae_cfg))
-    if comp.out_map is not None:
-        x_hat_n = comp.out_map(x_hat_n)
-    spliced = jnp.where(mask[..., None], (x_hat_n * scale).astype(xs.dtype), xs)
-    logits = lm.suffix(spliced, layer, params=comp.lm_params)
+    xn = jax.lax.stop_gradient(s.x_in.astype(jnp.float32) / sp.scale)
+    mse = jnp.sum(jnp.sum((xn - s.x_hat_n) ** 2, -1) * mf) / n
+    if loss.kl_share == 0.0 and not loss.kl_only:  # the MSE-only control: no suffix, no KL
+        nan = jnp.full((), jnp.nan, jnp.float32)
+        return mse + s.out.aux_loss, dict(kl=nan, mse=mse, beta=nan, out=s.out, n=n)
+    clean, logits, _ = branch_logits(sp, lm_params, comp, s)
     kl = jnp.sum(kl_per_token(clean, logits) * mf) / n
-    mse = jnp.sum(jnp.sum((jax.lax.stop_gradient(xn) - x_hat_n) ** 2, -1) * mf) / n
     beta = jax.lax.stop_gradient(mse) / (jax.lax.stop_gradient(kl) + 1e-8)
-    loss = kl if kl_only else (1.0 - kl_share) * mse + kl_share * beta * kl + out.aux_loss
-    return loss, dict(kl=kl, mse=mse, beta=beta, out=out, n=n)
+    total = kl if loss.kl_only else (1.0 - loss.kl_share) * mse + loss.kl_share * beta * kl + s.out.aux_loss
+    return total, dict(kl=kl, mse=mse, beta=beta, out=s.out, n=n)
 
 
-def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, schedule, *, scale: float,
-                       include_first: bool, kl_share: float = 0.5, l1_controller: bool = False,
-                       l1_rate: float = 0.001, compose=None, shardings=None):
+def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLoss = KLLoss(), *, compose=None,
+                       shardings=None):
     """Returns jit(step)(state, lm_params, tokens) -> (state, metrics), with the state donated.
 
     compose: an adapter from `jaxsae.train.adapters` (state["params"] are then its params and
@@ -100,14 +112,14 @@ def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, sched
     shardings: optional (state, lm_params, tokens) shardings; the new state keeps the state's layout.
     """
     sae_trains = compose is None or compose.sae_trains
+    kl_only = loss.kl_only or (compose is not None and compose.kl_only)
+    loss = dataclasses.replace(loss, kl_only=kl_only)
 
     def step(state: dict, lm_params, tokens: jax.Array):
-        (loss, aux), grads = jax.value_and_grad(
-            lambda p: kl_mse_loss(lm, lm_params, layer, sae_module, sae_cfg, p, tokens, scale=scale,
-                                  include_first=include_first, kl_share=kl_share,
-                                  dead=state["dead"] if sae_trains else None, l1_coeff=state["l1"],
-                                  compose=compose, frozen=state.get("frozen"),
-                                  kl_only=compose is not None and compose.kl_only), has_aux=True)(state["params"])
+        (total, aux), grads = jax.value_and_grad(
+            lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=state["dead"] if sae_trains else None,
+                                  l1_coeff=state["l1"], compose=compose, frozen=state.get("frozen")),
+            has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = aux["out"]
@@ -116,13 +128,14 @@ def make_finetune_step(lm, layer: int, sae_module, sae_cfg: SAEConfig, tx, sched
         else:  # the base SAE is frozen: only count which latents fire
             dead = update_dead_counter(state["dead"], out.fired, tokens.size)
         l1 = state["l1"]
-        if l1_controller:
+        if loss.l1_controller:
             # The reference holds L0 at its pre-fine-tune value by nudging λ by ±0.1% per step.
-            l1 = jnp.where(out.l0 > state["l0_target"], l1 * (1 + l1_rate), l1 * (1 - l1_rate))
-        metrics = {"train/loss": loss, "train/mse": aux["mse"], "train/kl": aux["kl"], "train/beta": aux["beta"],
-                   "train/l0": out.l0, "train/auxk": out.auxk, "train/l1": out.l1, "train/l1_coeff": state["l1"],
-                   "train/lr": schedule(state["step"]),
+            l1 = jnp.where(out.l0 > state["l0_target"], l1 * (1 + loss.l1_rate), l1 * (1 - loss.l1_rate))
+        metrics = {"train/loss": total, "train/mse": aux["mse"], "train/l0": out.l0, "train/auxk": out.auxk,
+                   "train/l1": out.l1, "train/l1_coeff": state["l1"], "train/lr": schedule(state["step"]),
                    "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
+        if loss.kl_share > 0.0 or kl_only:
+            metrics.update({"train/kl": aux["kl"], "train/beta": aux["beta"]})
         new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1, "dead": dead, "l1": l1}
         return new, metrics
 

@@ -1,14 +1,16 @@
-"""Phases of a run (collect → MSE → eval), with metrics, progress and resume.
+"""The loop every training phase runs: resume or start, step, log, checkpoint, show progress.
 
 A run directory holds:
     config.yaml           the resolved config
     store/                the activation store (unless store.path points elsewhere)
-    checkpoints/<phase>/  Orbax checkpoints of each training phase
+    checkpoints/<phase>/  Orbax checkpoints of each training phase (jaxsae.phases lists them)
     metrics.jsonl         one line per logged step: phase, step, tokens, losses, l0, lr, tokens/s
     eval.json             evaluation after every phase
 
 Starting the same command again resumes: a complete store is reused, an incomplete one resumes
-collection, and each phase continues from its last checkpoint (or is skipped when finished).
+collection, and each phase continues from its last checkpoint (or is skipped when finished). A
+checkpoint records everything that shapes its phase's trajectory (`trajectory`); a resume whose config
+differs in any of it stops, naming the key and the value on disk.
 """
 
 from __future__ import annotations
@@ -18,26 +20,18 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from jaxsae import config as C
 from jaxsae.checkpoint import Checkpointer
+from jaxsae.sharding import abstract_with
 
 
 class TrainingError(RuntimeError):
     pass
-
-
-def resolve_model_path(path: str) -> str:
-    if path == "shipped":
-        from jaxsae.demo_lm import SHIPPED
-
-        return str(SHIPPED)
-    return path
 
 
 class MetricsLog:
@@ -115,6 +109,9 @@ class PhaseLoop:
         if self.delay:
             time.sleep(self.delay)
         if step % self.every == 0 or step == self.total:
+            # a checkpoint is written only once its step's metrics are checked finite: a NaN is never
+            # saved, so a rerun never finds a "finished" phase that diverged at its last step
+            self._flush()
             self.ckpt.save(step, state, {**meta, "step": step, "tokens": step * self.tps})
 
     def finish(self) -> dict[str, float]:
@@ -133,24 +130,63 @@ def write_eval(run_dir: Path, phase: str, metrics: dict) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def take_contexts(cfg: C.RunConfig, source: dict, tokenizer, n: int, skip: int, where: str, what: str) -> np.ndarray:
-    """The first `n` packed contexts int32[n, context] of `source` after `skip`; a source too short
-    for them is a ConfigError naming `what` to lower."""
-    from jaxsae.data.text import iter_contexts, make_source
+class StepParts(NamedTuple):
+    """A phase's optimizer, abstract state, shardings and jit step: the trainer and `jaxsae.aot` build
+    the step from the same function, so the ahead-of-time check compiles what the trainer runs."""
 
-    bos = "auto" if cfg.data.prepend_bos else None
-    rows = []
-    for row in iter_contexts(make_source(source), tokenizer, cfg.data.context, bos_id=bos, skip_contexts=skip):
-        rows.append(row)
-        if len(rows) == n:
-            break
-    if len(rows) < n:
-        raise C.ConfigError(f"{where} holds only {len(rows)} contexts of {cfg.data.context} tokens; {what} needs "
-                            f"{n}: lower {what} or use a larger source")
-    return np.stack(rows).astype(np.int32)
+    total: int
+    tx: Any
+    abstract: Any  # the state's ShapeDtypeStructs
+    state_sh: Any
+    batch_sh: Any
+    step: Any
 
 
-def eval_sequences(cfg: C.RunConfig, tokenizer) -> np.ndarray:
-    """Held-out contexts int32[eval.sequences, context] from data.eval_source."""
-    return take_contexts(cfg, cfg.data.eval_source, tokenizer, cfg.eval.sequences, 0, "data.eval_source",
-                         "eval.sequences")
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (lists and scalars are leaves)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out.update(flat(v, key + ".") if isinstance(v, dict) else {key: list(v) if isinstance(v, tuple) else v})
+    return out
+
+
+def check_resume(ckpt: Checkpointer, phase: str, trajectory: dict) -> int:
+    """The step to resume `phase` from (0: none). A checkpoint whose recorded trajectory (config keys that
+    shape the phase) differs from this run's is refused with the first differing key. Keys the checkpoint
+    predates are not compared."""
+    start = ckpt.latest_step() or 0
+    if not start:
+        return 0
+    saved = flat(ckpt.restore_meta().get("trajectory", {}))
+    for key, now in flat(trajectory).items():
+        if key in saved and saved[key] != now:
+            raise C.ConfigError(
+                f"{ckpt.directory} holds a {phase} checkpoint trained with {key}={saved[key]!r}, but the config "
+                f"says {key}={now!r}: set {key} back to resume, or use a new --run-dir")
+    return start
+
+
+def run_steps(ckpt: Checkpointer, log: MetricsLog, phase: str, parts: StepParts, fresh: Callable[[], Any],
+              feed: Callable[[int], tuple], meta: dict, every: int, tokens_per_step: int) -> Any:
+    """Resumes `phase` from its last checkpoint (or starts from fresh()), runs steps start+1..total with
+    parts.step(state, *feed(step)), checkpoints and logs; returns the final state.
+    meta: what every checkpoint records besides its step (with "trajectory", checked on resume)."""
+    try:
+        start = check_resume(ckpt, phase, meta["trajectory"])
+        if start:
+            # restores onto this run's mesh, whatever mesh wrote the checkpoint
+            state, _ = ckpt.restore(abstract_with(parts.abstract, parts.state_sh), start)
+            log.rewind(phase, start)
+        else:
+            state = fresh()
+        if start >= parts.total:
+            return state
+        loop = PhaseLoop(phase, parts.total, tokens_per_step, log, ckpt, every, start)
+        for step in range(start + 1, parts.total + 1):
+            state, metrics = parts.step(state, *feed(step))
+            loop.after_step(step, metrics, state, meta)
+        loop.finish()
+        return state
+    finally:
+        ckpt.close()

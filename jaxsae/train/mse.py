@@ -10,29 +10,17 @@ The state is a plain pytree (what Orbax saves and the sharding rules see):
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsae.config import MSECfg
+from jaxsae import config as C
+from jaxsae.sae import SAEConfig, dead_mask, l1_coeff_at, reconstruction_loss, update_dead_counter, update_threshold
 from jaxsae.sharding import jit_step
-from jaxsae.sae import (SAEConfig, dead_mask, l1_coeff_at, maybe_unit_norm_decoder, reconstruction_loss,
-                        update_dead_counter, update_threshold)
-
-
-def mse_schedule(cfg: MSECfg, total_steps: int) -> optax.Schedule:
-    """Linear warm-up, constant, linear decay to 0 over the last `decay_fraction` of steps (paper)."""
-    decay_start = int(total_steps * (1.0 - cfg.decay_fraction))
-    warm = min(cfg.warmup_steps, decay_start)
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, cfg.lr, max(warm, 1)), optax.constant_schedule(cfg.lr),
-         optax.linear_schedule(cfg.lr, 0.0, max(total_steps - decay_start, 1))],
-        boundaries=[warm, decay_start])
-
-
-def mse_optimizer(cfg: MSECfg, sae_cfg: SAEConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    schedule = mse_schedule(cfg, total_steps)
-    return maybe_unit_norm_decoder(sae_cfg, optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)), schedule
+from jaxsae.train.loop import StepParts, run_steps
+from jaxsae.train.optim import optimizer
 
 
 def init_state(params, tx: optax.GradientTransformation, sae_cfg: SAEConfig, seed: int) -> dict:
@@ -56,7 +44,7 @@ def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens):
     return params, update_dead_counter(dead, out.fired, n_tokens)
 
 
-def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
                   state_shardings=None, batch_sharding=None):
     """Returns the jit-compiled step with the state donated.
 
@@ -64,6 +52,10 @@ def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformati
     inputs and outputs are pinned to them: the new state keeps the old one's layout, metrics are
     replicated.
     """
+
+    from jaxsae.sae import make_sae
+
+    sae_module = make_sae(sae_cfg)
 
     def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
         x = x.astype(jnp.float32)
@@ -81,3 +73,55 @@ def make_mse_step(sae_module, sae_cfg: SAEConfig, tx: optax.GradientTransformati
         return new, metrics
 
     return jit_step(step, (state_shardings, batch_sharding), state_shardings)
+
+
+def mse_parts(cfg: C.RunConfig, sae_cfg: SAEConfig, mesh) -> StepParts:
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import batch_sharding, sae_state_shardings
+
+    total = cfg.mse.tokens // cfg.mse.batch_size
+    tx, sched = optimizer(cfg.mse, total, sae_cfg)
+    key = jax.random.PRNGKey(cfg.mse.seed)
+    abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
+    state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
+    step = make_mse_step(sae_cfg, tx, sched, state_sh, batch_sh)
+    return StepParts(total, tx, abstract, state_sh, batch_sh, step)
+
+
+def run_phase(ctx, phase, start):
+    """The MSE phase (a `jaxsae.phases` runner): shuffled store rows, resumed from its last checkpoint."""
+    from jaxsae.data.reader import ShuffledReader
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import global_batch
+    from jaxsae.train.pipeline import Trained
+
+    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
+    parts = mse_parts(cfg, sae_cfg, ctx.mesh)
+
+    def fresh():
+        # b_dec starts at the geometric median of a first sample of (normalised) activations; the state
+        # is built under jit straight into its shardings
+        sample = ctx.store.read(0, min(ctx.store.n_tokens, 4096), normalize=True)
+        init = jax.jit(lambda x: init_state(init_sae(sae_cfg, jax.random.PRNGKey(cfg.mse.seed), x), parts.tx,
+                                            sae_cfg, cfg.mse.seed), out_shardings=parts.state_sh)
+        return init(sample)
+
+    readers = []
+
+    def feed(step: int):
+        if not readers:  # each process reads its own slice of the store and feeds batch/P rows
+            readers.append(ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=cfg.mse.seed,
+                                          start_step=step - 1, process_index=jax.process_index(),
+                                          process_count=jax.process_count()))
+        return (global_batch(next(readers[0]), parts.batch_sh),)
+
+    meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
+            "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
+            "reader": {"seed": cfg.mse.seed}, "trajectory": ctx.trajectory(phase.name, None)}
+    try:
+        state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, fresh, feed, meta,
+                          cfg.checkpoint.every_steps, cfg.mse.batch_size)
+    finally:
+        for r in readers:
+            r.close()
+    return Trained(state, state["params"])

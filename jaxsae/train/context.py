@@ -1,0 +1,173 @@
+"""What a run's phases share: checked once before any compute (`Plan`), then loaded (`Context`).
+
+Every check that can fail on user input (config keys and values, the hook layer against the model,
+an existing store built from another model or layer, a checkpoint to start from) runs in `plan` before a
+single weight is loaded or a file of the run directory is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxsae import config as C
+from jaxsae import phases as P
+from jaxsae.checkpoint import Checkpointer
+from jaxsae.sae import SAEConfig
+from jaxsae.splice import Splice
+from jaxsae.train.loop import MetricsLog
+
+SYNCED = ("config.yaml", "metrics.jsonl", "eval.json", "report.md", "report.png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run after its checks: nothing loaded, nothing written."""
+
+    cfg: C.RunConfig
+    run_dir: Path  # local: config.yaml, metrics.jsonl, eval.json, report.*
+    remote: str | None  # a gs://... run directory: checkpoints and store live there, files are copied up
+    model_path: str
+    store_path: str
+    sae_cfg: SAEConfig
+    mcfg: Any  # the LM's config (read from config.json; no weights yet)
+    mesh: jax.sharding.Mesh  # over all devices of all processes
+    init: Any = None  # the LoadedSAE of finetune.init_from, if set
+
+    def checkpointer(self, phase: str) -> Checkpointer:
+        root = self.cfg.checkpoint.dir.rstrip("/") or f"{self.remote or self.run_dir}/checkpoints"
+        return Checkpointer(f"{root}/{phase}", keep=self.cfg.checkpoint.keep)
+
+    def lm_shardings(self):
+        from jaxsae.sharding import lm_param_shardings
+
+        return lm_param_shardings(self.mcfg, self.mesh, self.cfg.model.lm_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """A run once its model is loaded and its store collected: what every phase runner receives."""
+
+    plan: Plan
+    lm: Any  # jaxsae.models.LM
+    store: Any  # jaxsae.data.store.Store
+    log: MetricsLog
+
+    @property
+    def cfg(self) -> C.RunConfig:
+        return self.plan.cfg
+
+    @property
+    def sae_cfg(self) -> SAEConfig:
+        return self.plan.sae_cfg
+
+    @property
+    def mesh(self):
+        return self.plan.mesh
+
+    @property
+    def splice(self) -> Splice:
+        cfg = self.plan.cfg
+        return Splice(self.lm, cfg.hook.layer, float(self.store.scale), cfg.data.include_first_position)
+
+    def trajectory(self, phase: str, start: str | None) -> dict:
+        """The settings that shape `phase`'s trajectory, recorded in its checkpoints and checked on resume."""
+        cfg, p = self.cfg, P.get(phase)
+        sec = dataclasses.asdict(C.section(cfg, phase))
+        if p.kl_share is not None:
+            sec["kl_share"] = p.kl_share
+        data = dataclasses.asdict(cfg.data)
+        data.pop("eval_source")
+        sae = dataclasses.asdict(self.sae_cfg)
+        sae.pop("decode")  # only how x_hat is computed, not what
+        return {p.section: sec, "sae": sae, "hook": {"layer": cfg.hook.layer}, "data": data,
+                "model": {"path": self.plan.model_path, "dtype": cfg.model.dtype},
+                "store": {"tokens": int(self.store.n_tokens), "scale": float(self.store.scale)}, "start": start}
+
+
+def split_run_dir(cfg: C.RunConfig, run_dir) -> tuple[Path, str | None]:
+    """(local dir, remote URL or None). A URL run dir (gs://bucket/run: shared by every host of a pod)
+    holds the checkpoints and the store; the small files are written under runs/<name> and copied up."""
+    text = str(run_dir)
+    if "://" in text:
+        return Path("runs") / cfg.name, text.rstrip("/")
+    return Path(run_dir), None
+
+
+def sync_remote(plan: Plan, down: bool = False) -> None:
+    """Copies the run's small files up to the remote run dir (or, on resume, down when missing here)."""
+    if plan.remote is None:
+        return
+    from etils import epath
+
+    from jaxsae.distributed import is_main
+
+    for name in SYNCED:
+        local, remote = plan.run_dir / name, epath.Path(plan.remote) / name
+        if down and not local.exists() and remote.exists():
+            local.write_bytes(remote.read_bytes())
+        elif not down and is_main() and local.exists():
+            remote.write_bytes(local.read_bytes())
+
+
+def mesh_for(cfg: C.RunConfig, devices: list, n_processes: int):
+    """The run's mesh over `devices` (this machine's, or a described TPU topology's), after the checks."""
+    from jaxsae.sharding import make_mesh
+    from jaxsae.validate import check_mesh
+
+    data, model = check_mesh(cfg, len(devices), n_processes)
+    return make_mesh(data, model, list(devices)[:data * model])
+
+
+def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> None:
+    """An existing store of another model or layer fails clearly."""
+    from jaxsae.data.store import read_meta
+
+    meta = read_meta(store_path)
+    if meta is None:
+        return
+    d, layer = meta.get("model", {}).get("d_model"), meta.get("layer")
+    if d != d_model:
+        raise C.ConfigError(f"store.path={store_path} holds d_model={d} activations but the model has "
+                            f"d_model={d_model}: point store.path at a store of this model or a new path")
+    if layer != cfg.hook.layer:
+        raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
+                            f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
+
+
+def plan(cfg: C.RunConfig, run_dir) -> Plan:
+    """All checks that need no compute: the model's config.json, the mesh, the store's metadata, the SAE
+    to start from. Writes nothing."""
+    from jaxsae.distributed import is_main
+    from jaxsae.models import read_config
+    from jaxsae.models.hf import resolve
+    from jaxsae.models.shipped import resolve_model_path
+    from jaxsae.validate import check_against_model, sae_config
+
+    run_dir, remote = split_run_dir(cfg, run_dir)
+    model_path = resolve_model_path(cfg.model.path)
+    mcfg = read_config(resolve(model_path), cfg.model.dtype)
+    check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    mesh = mesh_for(cfg, jax.devices(), jax.process_count())
+    model = mesh.shape["model"]
+    kl_phases = [p for p in cfg.phases if p != "mse"]
+    if model > 1 and cfg.model.lm_sharding == "replicated" and kl_phases and is_main():
+        print(f"warning: mesh.model={model} with a replicated LM repeats the LM's forward passes on each of the "
+              f"{model} devices of a model row; model.lm_sharding=tensor splits that work", file=sys.stderr)
+    store_path = cfg.store.path or f"{remote or run_dir}/store"
+    if cfg.store.path or remote or (run_dir / "store").exists():
+        check_store(cfg, store_path, mcfg.d_model)
+    sae_cfg, init = sae_config(cfg, mcfg.d_model), None
+    if cfg.finetune.init_from:
+        from jaxsae.interop import load_init
+
+        try:
+            init = load_init(cfg.finetune.init_from, cfg.finetune.init_format, sae_cfg, cfg.hook.layer)
+        except (ValueError, FileNotFoundError) as e:
+            raise C.ConfigError(str(e)) from e
+        sae_cfg = init.cfg
+    return Plan(cfg, run_dir, remote, model_path, store_path, sae_cfg, mcfg, mesh, init)

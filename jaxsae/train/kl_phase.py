@@ -1,0 +1,89 @@
+"""The phases of the fused KL+MSE step over token windows (`jaxsae.phases` runners): the fine-tune,
+its MSE-only control, an adapter around a frozen SAE, and the e2e baseline from a fresh SAE.
+
+They differ only in data: where their SAE starts (`Phase.starts`), their section's optimiser, schedule
+and KL share (the control's is fixed at 0), and, for the adapter, what is trained. The fine-tune and the
+control read the window after the store's contexts; the adapter the same window; e2e its budget from the
+start of the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jaxsae import config as C
+from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
+from jaxsae.train.loop import StepParts, run_steps
+from jaxsae.train.optim import optimizer
+
+
+def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool) -> KLLoss:
+    """The phase's loss settings; the L1 controller (default: on for kinds with an L1 penalty) holds the
+    L0 of the SAE it continues, so it is off for a fresh SAE and for a frozen one."""
+    sec = C.section(cfg, phase.name)
+    controller = sae_cfg.kind == "relu" if sec.l1_controller is None else sec.l1_controller
+    share = sec.kl_share if phase.kl_share is None else phase.kl_share
+    return KLLoss(kl_share=share, l1_controller=controller and trains_sae and continues, l1_rate=sec.l1_rate)
+
+
+def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
+             continues: bool = True) -> StepParts:
+    """The fused step of `phase` (a `jaxsae.phases.Phase`). fresh(tx) -> the phase's first state."""
+    from jaxsae.sharding import batch_sharding, sae_state_shardings
+
+    sec = C.section(cfg, phase.name)
+    total = C.phase_tokens(cfg, phase.name) // C.phase_batch_tokens(cfg, phase.name)
+    tx, sched = optimizer(sec, total, sae_cfg if compose is None else None)
+    abstract = jax.eval_shape(lambda: fresh(tx))
+    state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
+    loss = loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, continues)
+    step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=(state_sh, lm_sh, batch_sh))
+    return StepParts(total, tx, abstract, state_sh, batch_sh, step)
+
+
+def run_phase(ctx, phase, start):
+    """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
+    decoder^T, b_dec = 0), resuming from its last checkpoint."""
+    from jaxsae.data.windows import window_sequences
+    from jaxsae.sae import init_sae
+    from jaxsae.sharding import batch_from_global
+    from jaxsae.train.pipeline import Trained, adapter_of
+
+    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
+    sec = C.section(cfg, phase.name)
+    compose = adapter_of(ctx) if phase.holds == "adapter" else None
+    key = jax.random.PRNGKey(sec.seed)
+    if start is None:
+        params, dead, l0 = init_sae(sae_cfg, key), np.zeros(sae_cfg.d_sae, np.int32), 0.0
+    else:
+        params, dead, l0 = start.params, start.dead, start.l0
+
+    def fresh(tx, sae_params=params, dead=dead, lm_params=ctx.lm.params):
+        if compose is not None:
+            trainable, _ = compose.init(key, sae_params, lm_params, ctx.lm.param_axes())
+            return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0, sec.seed, frozen=sae_params)
+        return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0, sec.seed)
+
+    parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh, compose,
+                     continues=start is not None)
+    per = sec.batch_sequences
+    skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
+    seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
+
+    def feed(step: int):
+        return ctx.lm.params, batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
+
+    meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
+            "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
+            "trajectory": ctx.trajectory(phase.name, None if start is None else start.name)}
+    # the first state is built under jit straight into its shardings (arrays as arguments, not constants)
+    first = jax.jit(lambda p, d, lp: fresh(parts.tx, p, d, lp), out_shardings=parts.state_sh)
+    state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts,
+                      lambda: first(params, dead, ctx.lm.params), feed, meta, cfg.checkpoint.every_steps,
+                      per * cfg.data.context)
+    if compose is not None:
+        return Trained(state, state["frozen"], state["params"])
+    return Trained(state, state["params"])

@@ -1,0 +1,125 @@
+"""A whole run: plan (every check), load the LM, collect the store, then each listed phase in the
+registry's order (`jaxsae.phases`), evaluating after each; the report at the end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jaxsae import config as C
+from jaxsae import phases as P
+from jaxsae.train.context import Context, Plan, plan, sync_remote
+from jaxsae.train.loop import MetricsLog
+
+
+class Start(NamedTuple):
+    """The SAE a phase continues: its params, dead-latent counters, the L0 it had on evaluation."""
+
+    name: str  # the phase it comes from ("init": finetune.init_from)
+    params: Any
+    dead: Any
+    l0: float
+
+
+class Trained(NamedTuple):
+    """What a phase runner returns: its final state, the SAE params to evaluate, and the adapter's
+    params when the phase trains one (evaluated together with the SAE)."""
+
+    state: dict
+    sae_params: Any
+    trainable: Any = None
+
+    def start(self, name: str, l0: float) -> Start:
+        return Start(name, self.sae_params, self.state["dead"], l0)
+
+
+def collect_store(p: Plan, lm, log: MetricsLog):
+    from jaxsae.data.collect import collect
+    from jaxsae.data.text import make_source
+
+    cfg = p.cfg
+    t0 = time.time()
+    info = collect(lm, cfg.hook.layer, make_source(cfg.data.source), lm.tokenizer, p.store_path,
+                   n_tokens=cfg.store.tokens, context=cfg.data.context, batch_contexts=cfg.store.batch_contexts,
+                   dtype=cfg.store.dtype, bos_id="auto" if cfg.data.prepend_bos else None,
+                   drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens,
+                   mesh=p.mesh)
+    store = info.open()
+    log.write({"phase": "collect", "step": 0, "tokens": store.n_tokens, "seconds": round(time.time() - t0, 1),
+               "scale": store.scale})
+    return store
+
+
+def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, start: str | None) -> dict:
+    """Evaluates `phase`'s SAE (with its adapter, if any) on the held-out text; writes eval.json."""
+    from jaxsae.data.windows import eval_sequences
+    from jaxsae.evaluate import evaluate
+    from jaxsae.train.loop import write_eval
+
+    cfg = ctx.cfg
+    compose = None if trained.trainable is None else adapter_of(ctx)
+    m = evaluate(ctx.splice, ctx.sae_cfg, trained.sae_params, eval_sequences(cfg, ctx.lm.tokenizer),
+                 batch=cfg.eval.batch_sequences, compose=compose, trainable=trained.trainable, mesh=ctx.mesh)
+    tokens = C.phase_tokens(cfg, phase) if phase in P.NAMES else 0
+    m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1), start=start)
+    write_eval(ctx.plan.run_dir, phase, m)
+    sync_remote(ctx.plan)
+    if jax.process_index() == 0:
+        print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
+              f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
+              f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
+    return m
+
+
+def adapter_of_cfg(cfg: C.RunConfig, d_model: int, n_layers: int):
+    """The `adapter:` section's compose object (`jaxsae.train.adapters`)."""
+    from jaxsae.train.adapters import make_adapter
+
+    a = cfg.adapter
+    return make_adapter(a.kind, a.rank, d_model, cfg.hook.layer, n_layers, a.lm_layers, a.loss)
+
+
+def adapter_of(ctx: Context):
+    return adapter_of_cfg(ctx.cfg, ctx.lm.d_model, ctx.lm.n_layers)
+
+
+def init_start(ctx: Context) -> Start:
+    """finetune.init_from: the saved SAE, re-expressed for this store's scale, evaluated as `init`."""
+    from jaxsae.interop import to_scale
+
+    params = to_scale(ctx.plan.init, ctx.store.scale)
+    m = evaluate_phase(ctx, "init", Trained({"dead": np.zeros(ctx.sae_cfg.d_sae, np.int32)}, params), 0.0, None)
+    return Start("init", params, np.zeros(ctx.sae_cfg.d_sae, np.int32), m["l0"])
+
+
+def run(cfg: C.RunConfig, run_dir) -> dict:
+    """Runs every phase of `cfg` in `run_dir` (a local path, or a URL shared by all hosts)."""
+    from jaxsae.distributed import is_main
+    from jaxsae.models import load_lm
+    from jaxsae.report import write_report
+
+    p = plan(cfg, run_dir)
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    sync_remote(p, down=True)  # a resumed pod run continues the metrics written before
+    if is_main():
+        (p.run_dir / "config.yaml").write_text(C.dump(cfg))
+    log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main())
+    lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
+    ctx = Context(p, lm, collect_store(p, lm, log), log)
+    starts: dict[str, Start] = {"init": init_start(ctx)} if p.init is not None else {}
+    results = {}
+    for phase in P.ordered(cfg.phases):
+        start = starts.get(P.start_of(phase, starts)) if phase.starts else None
+        t0 = time.time()
+        trained = phase.load()(ctx, phase, start)
+        results[phase.name] = evaluate_phase(ctx, phase.name, trained, time.time() - t0,
+                                             None if start is None else start.name)
+        if phase.holds == "sae":
+            starts[phase.name] = trained.start(phase.name, results[phase.name]["l0"])
+    if is_main():
+        write_report(p.run_dir)
+    sync_remote(p)
+    return results
