@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 
 from jaxsae import config as C
-from jaxsae.evaluate import evaluate, next_token_ce, position_mask
+from jaxsae.evaluate import evaluate, next_token_ce
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, init_sae, make_sae
 from jaxsae.train.adapters import identity_composition, lora_merge, make_adapter
-from jaxsae.train.finetune import finetune_optimizer, init_ft_state, kl_mse_loss, make_finetune_step
+from jaxsae.config import FinetuneCfg
+from jaxsae.splice import Splice, position_mask
+from jaxsae.train.finetune import KLLoss, init_ft_state, kl_mse_loss, make_finetune_step
+from jaxsae.train.optim import optimizer
+from jaxsae.validate import check_against_model
 
 LAYER, SCALE, D = 1, 1.7, 32
 KINDS = [("lm_lora", 4, "all"), ("lm_lora", 4, "after"), ("sae_lora", 2, "all"), ("output", 4, "all"),
@@ -45,8 +49,8 @@ def _adapter(lm, kind, rank, lm_layers="all"):
 
 def _loss(lm, sae, trainable, tokens, compose=None, frozen=None, kl_only=False):
     sae_cfg, module, _ = sae
-    return kl_mse_loss(lm, lm.params, LAYER, module, sae_cfg, trainable, tokens, scale=SCALE, include_first=False,
-                       kl_share=0.5, dead=None, l1_coeff=None, compose=compose, frozen=frozen, kl_only=kl_only)
+    return kl_mse_loss(Splice(lm, LAYER, SCALE), lm.params, sae_cfg, trainable, tokens, KLLoss(kl_only=kl_only),
+                       dead=None, l1_coeff=None, compose=compose, frozen=frozen)
 
 
 def _nonzero(trainable, seed=7):
@@ -79,12 +83,12 @@ def test_step_trains_only_the_adapter(lm, sae, kind, rank, lm_layers):
     sae_cfg, module, params = sae
     ad = _adapter(lm, kind, rank, lm_layers)
     trainable, _ = ad.init(jax.random.PRNGKey(3), params, lm.params, lm.param_axes())
-    tx, sched = finetune_optimizer(1e-2, 10, None)
+    tx, sched = optimizer(FinetuneCfg(lr=1e-2), 10, None)
     state = init_ft_state(trainable, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0,
                           frozen=jax.tree.map(jnp.copy, params))
     before = jax.tree.map(np.array, trainable)
     lm_before = jax.tree.map(np.array, lm.params)
-    step = make_finetune_step(lm, LAYER, module, sae_cfg, tx, sched, scale=SCALE, include_first=False, compose=ad)
+    step = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched, compose=ad)
     for i in range(2):
         state, m = step(state, lm.params, _tokens(i))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, params), jax.tree.map(np.array, state["frozen"]))
@@ -150,7 +154,7 @@ def test_evaluate_with_adapter_equals_manual(lm, sae, kind, rank, lm_layers):
     ad = _adapter(lm, kind, rank, lm_layers)
     trainable = _nonzero(ad.init(jax.random.PRNGKey(3), params, lm.params, lm.param_axes())[0])
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(9), (4, 10), 0, 97), np.int32)
-    m = evaluate(lm, module, params, tokens, LAYER, SCALE, batch=2, compose=ad, trainable=trainable)
+    m = evaluate(Splice(lm, LAYER, SCALE), sae[0], params, tokens, batch=2, compose=ad, trainable=trainable)
     # by hand: adapted LM, adapted SAE, output map, then the original LM for the clean CE
     mask = position_mask(tokens.shape, False)
     lm_p, sae_p = lm.params, params
@@ -172,18 +176,18 @@ def test_evaluate_with_adapter_equals_manual(lm, sae, kind, rank, lm_layers):
     ce_c, _ = next_token_ce(lm.forward(tokens), tokens, mask)
     np.testing.assert_allclose(m["ce_spliced"], float(ce_s / n), rtol=1e-5)
     np.testing.assert_allclose(m["ce_clean"], float(ce_c / n), rtol=1e-5)
-    base = evaluate(lm, module, params, tokens, LAYER, SCALE, batch=2)
+    base = evaluate(Splice(lm, LAYER, SCALE), sae[0], params, tokens, batch=2)
     assert m["ce_clean"] == pytest.approx(base["ce_clean"]) and m["ce_zero"] == pytest.approx(base["ce_zero"])
     assert m["ce_spliced"] != pytest.approx(base["ce_spliced"], rel=1e-6)
 
 
 @pytest.mark.parametrize("override,needle", [
-    (["adapter.kind=prefix"], "adapter.kind='prefix' is not an adapter"),
+    (["adapter.kind=prefix"], "adapter.kind='prefix': choose one of"),
     (["adapter.lm_layers=some"], "adapter.lm_layers='some'"),
     (["adapter.loss=ce"], "adapter.loss='ce'"),
     (["adapter.rank=-1"], "adapter.rank=-1"),
     (["adapter.tokens=10"], "adapter.tokens=10 is less than one batch"),
-    (["phases=[adapter]"], "list mse before it"),
+    (["phases=[adapter]"], "list it before adapter"),
     (["adapter.rank_x=2"], "unknown config key adapter.rank_x"),
 ])
 def test_config_errors_name_the_key(override, needle):
@@ -195,8 +199,8 @@ def test_config_errors_name_the_key(override, needle):
 def test_rank_over_d_model_is_a_config_error():
     cfg = C.load_config(None, ["phases=[mse, adapter]", "adapter.rank=200"])
     with pytest.raises(C.ConfigError, match="adapter.rank=200 is over d_model=128"):
-        C.check_against_model(cfg, 4, 128)
-    C.check_against_model(C.load_config(None, ["phases=[mse, adapter]", "adapter.rank=0"]), 4, 128)
+        check_against_model(cfg, 4, 128)
+    check_against_model(C.load_config(None, ["phases=[mse, adapter]", "adapter.rank=0"]), 4, 128)
 
 
 @pytest.mark.slow
@@ -205,7 +209,7 @@ def test_adapter_phase_resumes_exactly(tmp_path, monkeypatch):
     evaluation as an uninterrupted run (tiny shipped-model run: store, MSE SAE, 8 adapter steps)."""
     from jaxsae.checkpoint import Checkpointer
     from jaxsae.train import loop as L
-    from jaxsae.train.run import run
+    from jaxsae.train.pipeline import run
 
     cfg = C.load_config(None, [
         "phases=[mse, adapter]", "hook.layer=2", "data.context=32", "store.tokens=8192", "store.batch_contexts=16",

@@ -19,6 +19,7 @@ import pytest
 
 import jaxsae
 from jaxsae import config as C
+from jaxsae.validate import sae_config
 from jaxsae.analysis import (DensityCounter, FeatureEncoder, Request, TopContexts, analyze, feature_activations,
                              feature_logit_effects, inspect_run, top_k_sparse, unembedding)
 from jaxsae.analysis.stream import open_run_store, store_batches, text_batches
@@ -55,7 +56,7 @@ def run_dir(lm, tmp_path_factory) -> Path:
                         base={"data": {"source": src, "eval_source": src}})
     d.mkdir(exist_ok=True)
     (d / "config.yaml").write_text(C.dump(cfg))
-    sae_cfg = C.sae_config(cfg, lm.d_model)
+    sae_cfg = sae_config(cfg, lm.d_model)
     params = init_sae(sae_cfg, jax.random.PRNGKey(0))
     params["b_enc"] = jax.random.normal(jax.random.PRNGKey(1), (D_SAE,)) * 0.5
     info = collect(lm, LAYER, make_source(src), lm.tokenizer, d / "store", n_tokens=2000, context=CONTEXT,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxsae.config import ConfigError, RunConfig, check_against_model, load_config
+from jaxsae.config import ConfigError, RunConfig, load_config
+from jaxsae.validate import check_against_model
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -40,6 +41,10 @@ def test_overrides_and_yaml_scientific_notation(tmp_path):
     (["data.prepend_bos=3"], r"data\.prepend_bos=3 must be true or false"),
     (["sae.k=5000"], r"sae\.k=5000 exceeds sae\.d_sae=4096: choose k <= d_sae"),
     (["sae.kind=topq"], r"sae\.kind='topq' is unknown"),
+    (["phases=[finetune, mse]"], r"out of order; phases run as mse, control, finetune"),
+    (["phases=[mse, mse]"], r"phases lists mse twice"),
+    (["phases=[mse, control, finetune]", "checkpoint.keep=0"], r"checkpoint\.keep=0 must be positive"),
+    (["adapter.kind=prefix"], r"adapter\.kind='prefix': choose one of 'lm_lora'"),
     (["mse.batch_size=0"], r"mse\.batch_size=0 must be positive"),
     (["model.dtype=int8"], r"model\.dtype='int8'"),
     (["sae=3"], r"sae must be a mapping"),
@@ -48,6 +53,20 @@ def test_overrides_and_yaml_scientific_notation(tmp_path):
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+def test_set_inside_a_mapping_updates_that_key_only():
+    cfg = load_config(None, ["data.source.split=val"])
+    assert cfg.data.source == {"kind": "stdlib", "split": "val"}
+
+
+def test_every_phase_has_its_own_optimiser():
+    cfg = RunConfig()
+    assert (cfg.mse.schedule, cfg.mse.weight_decay, cfg.mse.clip) == ("warmup_decay", 0.0, 0.0)
+    assert (cfg.finetune.schedule, cfg.finetune.weight_decay, cfg.finetune.clip) == ("linear", 0.01, 1.0)
+    assert cfg.e2e.schedule == "constant" and cfg.adapter.schedule == "linear"
+    e2e_only = load_config(None, ["phases=[mse, finetune, e2e]", "finetune.weight_decay=0.1"])
+    assert e2e_only.e2e.weight_decay == 0.01  # no borrowing
 
 
 def test_layer_checked_against_model():

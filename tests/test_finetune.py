@@ -12,9 +12,17 @@ import pytest
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, init_sae, make_sae
-from jaxsae.train.finetune import finetune_optimizer, init_ft_state, kl_mse_loss, make_finetune_step
+from jaxsae.config import FinetuneCfg
+from jaxsae.splice import Splice
+from jaxsae.train.finetune import KLLoss, init_ft_state, kl_mse_loss, make_finetune_step
+from jaxsae.train.optim import optimizer
 
 LAYER, SCALE = 1, 1.7
+
+
+def _ft_opt(lr, steps, sae_cfg):
+    """The fine-tune's optimiser (AdamW wd 0.01, clip 1, lr -> 0) at `lr`."""
+    return optimizer(FinetuneCfg(lr=lr), steps, sae_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +59,8 @@ def _reference_loss(lm, sae_module, params, tokens, kl_share=0.5):
 
 
 def _fused(lm, sae_cfg, sae_module, params, tokens, kl_share=0.5):
-    return kl_mse_loss(lm, lm.params, LAYER, sae_module, sae_cfg, params, tokens, scale=SCALE, include_first=False,
-                       kl_share=kl_share, dead=jnp.zeros(sae_cfg.d_sae, jnp.int32), l1_coeff=None)
+    return kl_mse_loss(Splice(lm, LAYER, SCALE), lm.params, sae_cfg, params, tokens, KLLoss(kl_share=kl_share),
+                       dead=jnp.zeros(sae_cfg.d_sae, jnp.int32), l1_coeff=None)
 
 
 @pytest.mark.parametrize("kind", ["topk", "relu"])
@@ -93,10 +101,10 @@ def test_beta_makes_loss_equal_mse_and_scales_kl_gradient(lm):
 
 def test_step_trains_only_the_sae(lm):
     sae_cfg, sae_module, params = _sae("topk")
-    tx, sched = finetune_optimizer(1e-3, 10, sae_cfg)
+    tx, sched = _ft_opt(1e-3, 10, sae_cfg)
     state = init_ft_state(params, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0)
     lm_before = jax.tree.map(np.asarray, lm.params)
-    step = make_finetune_step(lm, LAYER, sae_module, sae_cfg, tx, sched, scale=SCALE, include_first=False)
+    step = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched)
     w_dec_before = np.asarray(state["params"]["W_dec"])
     for i in range(3):
         state, m = step(state, lm.params, _tokens(i))
@@ -113,16 +121,15 @@ def test_step_trains_only_the_sae(lm):
 
 def test_linear_decay_to_zero_without_warmup():
     sae_cfg, _, _ = _sae("topk")
-    _, sched = finetune_optimizer(5e-5, 100, sae_cfg)
+    _, sched = _ft_opt(5e-5, 100, sae_cfg)
     assert float(sched(0)) == pytest.approx(5e-5) and float(sched(50)) == pytest.approx(2.5e-5)
     assert float(sched(100)) == 0.0
 
 
 def test_relu_l1_controller_holds_l0(lm):
     sae_cfg, sae_module, params = _sae("relu")
-    tx, sched = finetune_optimizer(1e-4, 10, sae_cfg)
-    step = make_finetune_step(lm, LAYER, sae_module, sae_cfg, tx, sched, scale=SCALE, include_first=False,
-                              l1_controller=True)
+    tx, sched = _ft_opt(1e-4, 10, sae_cfg)
+    step = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched, KLLoss(l1_controller=True))
     for target, direction in ((0.0, 1.001), (1e9, 0.999)):  # L0 above target -> raise λ; below -> lower it
         state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(64, np.int32), 0.3, target, 0)
         state, m = step(state, lm.params, _tokens(4))

@@ -258,11 +258,11 @@ def test_finetune_from_imported_sae(shipped_exports, tmp_path):
 
 def test_init_from_errors_before_compute(shipped_exports, tmp_path):
     model, sl, _ = shipped_exports
-    with pytest.raises(ConfigError, match="list mse before it, or set finetune.init_from"):
+    with pytest.raises(ConfigError, match="continues the SAE of mse or finetune.init_from; list it before finetune"):
         load_config(None, ["phases=[finetune]"])
     with pytest.raises(ConfigError, match="replaces the mse phase"):
         load_config(None, [f"finetune.init_from={sl}"])
-    from jaxsae.train.run import prepare
+    from jaxsae.train.context import plan as prepare
 
     small = interop.export(make_sae("relu"), tmp_path / "small", "saelens")  # d_in 32, model d_model 128
     for path, match in ((small, "d_in=32"), (sl, "set hook.layer=1")):

@@ -14,7 +14,8 @@ import pytest
 import jaxsae
 from jaxsae import sharding as shd
 from jaxsae.checkpoint import Checkpointer
-from jaxsae.config import ConfigError, check_mesh, load_config
+from jaxsae.config import ConfigError, load_config
+from jaxsae.validate import check_mesh
 
 pytestmark = pytest.mark.multidevice
 ROOT = Path(__file__).parent.parent
@@ -38,7 +39,7 @@ def _cfg(*extra: str):
 
 
 def _train(run_dir: Path, *extra: str) -> dict:
-    from jaxsae.train.run import run
+    from jaxsae.train.pipeline import run
 
     return run(_cfg(*extra), run_dir)
 
@@ -80,10 +81,11 @@ def test_run_killed_on_8_devices_resumes_on_another_mesh(run_8x1, tmp_path, mesh
 def test_checkpoint_restores_onto_any_mesh(tmp_path):
     from jaxsae.sae import SAEConfig, init_sae
     from jaxsae.train.mse import init_state
-    from jaxsae.train.finetune import finetune_optimizer
+    from jaxsae.config import FinetuneCfg
+    from jaxsae.train.optim import optimizer
 
     cfg = SAEConfig(kind="topk", d_model=16, d_sae=64, k=4).validate()
-    tx, _ = finetune_optimizer(1e-3, 10, cfg)
+    tx, _ = optimizer(FinetuneCfg(lr=1e-3), 10, cfg)
     state = init_state(init_sae(cfg, jax.random.PRNGKey(0)), tx, cfg, seed=0)
     state["dead"] = state["dead"] + np.arange(64, dtype=np.int32)
     host = jax.device_get(state)

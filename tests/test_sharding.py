@@ -15,12 +15,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import sharding as shd
-from jaxsae.config import MSECfg
+from jaxsae.config import FinetuneCfg, MSECfg
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, dead_mask, init_sae, make_sae
-from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
-from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+from jaxsae.splice import Splice
+from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
+from jaxsae.train.mse import init_state, make_mse_step
+from jaxsae.train.optim import optimizer
 
 pytestmark = [
     pytest.mark.multidevice,
@@ -89,11 +91,11 @@ def _mse_setup(kind):
     rng = np.random.default_rng(0)
     xs = rng.standard_normal((STEPS, BATCH, D_MODEL)).astype(np.float32)
     params = init_sae(cfg, jax.random.PRNGKey(1), sample=xs[0])
-    tx, sched = mse_optimizer(MSECfg(lr=MSE_LR, warmup_steps=0, decay_fraction=0.0), cfg, STEPS)
+    tx, sched = optimizer(MSECfg(lr=MSE_LR, warmup_steps=0, decay_fraction=0.0), STEPS, cfg)
     state = init_state(params, tx, cfg, seed=0)
     # Half the latents start dead so AuxK's masked top-k runs from step 0.
     state["dead"] = jnp.where(jnp.arange(D_SAE) % 2 == 0, BATCH, 0).astype(jnp.int32)
-    step = make_mse_step(make_sae(cfg), cfg, tx, sched)
+    step = make_mse_step(cfg, tx, sched)
     return cfg, _host(state), xs, step
 
 
@@ -180,11 +182,11 @@ def _ft_setup(kind="topk"):
     rng = np.random.default_rng(3)
     tokens = rng.integers(0, 97, (FT_STEPS, FT_BATCH, FT_SEQ)).astype(np.int32)
     params = init_sae(cfg, jax.random.PRNGKey(2))
-    tx, sched = finetune_optimizer(FT_LR, FT_STEPS, cfg)
+    tx, sched = optimizer(FinetuneCfg(lr=FT_LR), FT_STEPS, cfg)
     dead = np.where(np.arange(cfg.d_sae) % 3 == 0, FT_BATCH * FT_SEQ, 0)
     state = init_ft_state(params, tx, cfg, dead, l1_coeff=cfg.l1_coeff, l0_target=K, seed=0)
-    step = functools.partial(make_finetune_step, lm, LAYER, make_sae(cfg), cfg, tx, sched, scale=1.0,
-                             include_first=False, l1_controller=kind == "relu")
+    step = functools.partial(make_finetune_step, Splice(lm, LAYER, 1.0), cfg, tx, sched,
+                             KLLoss(l1_controller=kind == "relu"))
     return lm, cfg, _host(state), _host(lm.params), tokens, step
 
 

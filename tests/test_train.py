@@ -142,14 +142,14 @@ def test_checkpoint_of_another_sae_is_refused(tiny_model, finished_run, tmp_path
     shutil.copytree(finished_run, run_dir)
     r = _run(_args(tiny_model, run_dir, "--set", "sae.d_sae=256"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "holds a mse checkpoint of an SAE with d_sae=128, but the config says sae.d_sae=256" in r.stderr
+    assert "holds a mse checkpoint trained with sae.d_sae=128, but the config says sae.d_sae=256" in r.stderr
 
 
 def test_url_run_dir_keeps_checkpoints_remote_and_copies_the_small_files(tmp_path):
     from types import SimpleNamespace
 
     from jaxsae.config import load_config
-    from jaxsae.train.run import split_run_dir, sync_remote
+    from jaxsae.train.context import split_run_dir, sync_remote
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     local, remote = split_run_dir(cfg, "gs://bucket/runs/demo/")
@@ -170,20 +170,24 @@ def test_url_run_dir_keeps_checkpoints_remote_and_copies_the_small_files(tmp_pat
     assert (fresh.run_dir / "metrics.jsonl").exists() and (fresh.run_dir / "eval.json").read_text() == "{}"
 
 
-def test_resuming_another_adapter_names_the_key():
-    """check_checkpoint covers the SAE and, in the adapter phase, the adapter the checkpoint holds."""
+def test_resume_refuses_another_trajectory(tmp_path):
+    """A checkpoint records every config key that shapes its phase; a resume that differs in one (here the
+    adapter's rank) is refused naming the key and the value on disk. Keys the checkpoint predates are not
+    compared."""
     import dataclasses
-    from types import SimpleNamespace
 
-    from jaxsae.config import ConfigError, load_config, sae_config
-    from jaxsae.train.run import check_checkpoint
+    from jaxsae.checkpoint import Checkpointer
+    from jaxsae.config import ConfigError, load_config
+    from jaxsae.train.loop import check_resume
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", ["adapter.kind=sae_lora", "adapter.rank=2"])
-    sae_cfg = sae_config(cfg, 128)
-    ctx = SimpleNamespace(cfg=cfg, sae_cfg=sae_cfg)
-    meta = {"sae": dataclasses.asdict(sae_cfg), "adapter": {**dataclasses.asdict(cfg.adapter), "rank": 64}}
-    ckpt = SimpleNamespace(directory="ck", latest_step=lambda: 5, restore_meta=lambda: meta)
-    check_checkpoint(ckpt, ctx, "finetune")  # the SAE matches; only the adapter phase looks at the adapter
-    with pytest.raises(ConfigError, match=r"holds a adapter checkpoint of an adapter with rank=64, but the "
-                                          r"config says adapter.rank=2: use a new --run-dir"):
-        check_checkpoint(ckpt, ctx, "adapter")
+    ckpt = Checkpointer(tmp_path / "ck")
+    saved = {"adapter": {**dataclasses.asdict(cfg.adapter), "rank": 64}, "sae": {"k": 16}}
+    ckpt.save(5, {"x": np.zeros(2)}, {"trajectory": saved})
+    ckpt.wait()
+    with pytest.raises(ConfigError, match=r"holds a adapter checkpoint trained with adapter.rank=64, but the "
+                                          r"config says adapter.rank=2: set adapter.rank back to resume"):
+        check_resume(ckpt, "adapter", {"adapter": dataclasses.asdict(cfg.adapter), "sae": {"k": 16}})
+    now = {"adapter": {**dataclasses.asdict(cfg.adapter), "rank": 64}, "sae": {"k": 16, "d_sae": 1024}}
+    assert check_resume(ckpt, "adapter", now) == 5  # sae.d_sae: the checkpoint predates the key
+    ckpt.close()
