@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxsae.config import MSECfg
+from jaxsae.config import FinetuneCfg, MSECfg
 from jaxsae.demo_lm import SHIPPED
-from jaxsae.evaluate import kl_per_token
+from jaxsae.splice import Splice, kl_per_token
 from jaxsae.models import load_lm
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, init_sae, make_sae, maybe_unit_norm_decoder
-from jaxsae.train.finetune import finetune_optimizer, init_ft_state, make_finetune_step
-from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+from jaxsae.train.finetune import init_ft_state, make_finetune_step
+from jaxsae.train.mse import init_state, make_mse_step
+from jaxsae.train.optim import optimizer
 
 
 def timeit(fn, *args, steps: int) -> float:
@@ -68,8 +69,8 @@ def main() -> None:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, lm.vocab_size, (a.batch, a.seq)), jnp.int32)
     scale = 1.0
 
-    tx, sched = finetune_optimizer(5e-5, 1000, sae_cfg)
-    fused_step = make_finetune_step(lm, L, module, sae_cfg, tx, sched, scale=scale, include_first=False)
+    tx, sched = optimizer(FinetuneCfg(lr=5e-5), 1000, sae_cfg)
+    fused_step = make_finetune_step(Splice(lm, L, scale), sae_cfg, tx, sched)
     fused_state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(a.d_sae, np.int32), 0., 0., 0)
 
     def fused(state):
@@ -109,8 +110,8 @@ def main() -> None:
         clean = jax.lax.stop_gradient(lm.suffix(x, L, params=lm_params))
         return jax.grad(lambda h: jnp.mean(kl_per_token(clean, lm.suffix(h, L, params=lm_params))))(x * 1.01)
 
-    mtx, msched = mse_optimizer(MSECfg(warmup_steps=10), sae_cfg, 1000)
-    mse_step = make_mse_step(module, sae_cfg, mtx, msched)
+    mtx, msched = optimizer(MSECfg(warmup_steps=10), 1000, sae_cfg)
+    mse_step = make_mse_step(sae_cfg, mtx, msched)
     mse_state = init_state(jax.tree.map(jnp.copy, params), mtx, sae_cfg, 0)
     acts = jnp.asarray(np.random.default_rng(1).normal(size=(a.batch * a.seq, lm.d_model)), jnp.float32)
 

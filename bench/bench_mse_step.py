@@ -7,7 +7,7 @@
 
 Both sides train a TopK SAE on the same random N(0, 1) batches (a pool of --pool batches, cycled):
 
-* jaxsae: the real step, `make_mse_step(make_sae(cfg), cfg, *mse_optimizer(...))`, jit-compiled with
+* jaxsae: the real step, `make_mse_step(cfg, *optimizer(...))`, jit-compiled with
   the state donated (Adam + the unit-norm decoder wrapper, AuxK bookkeeping, metrics).
 * PyTorch reference (eager, `torch.set_num_threads(cores)`), the sparsify / SAELens-style TopK SAE:
   pre = relu(Linear(x - b_dec)); vals, idx = topk(pre, k); decoder = the top-k codes scattered into a
@@ -57,17 +57,18 @@ def make_jax_runner(d_model: int, d_sae: int, k: int, batch: int, pool, variant:
 
     from jaxsae.config import MSECfg
     from jaxsae.sae import SAEConfig, init_sae, make_sae, reconstruction_loss
-    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+    from jaxsae.train.mse import init_state, make_mse_step
+    from jaxsae.train.optim import optimizer
 
     sae_cfg = SAEConfig(kind="topk", d_model=d_model, d_sae=d_sae, k=k,
                         dead_tokens_threshold=1 if variant == "auxk_active" else 10_000_000,
                         decode="sparse" if variant == "sparse" else "dense").validate()
     module = make_sae(sae_cfg)
     mse_cfg = MSECfg(batch_size=batch, warmup_steps=1)  # constant lr 3e-4 after step 0, as torch
-    tx, schedule = mse_optimizer(mse_cfg, sae_cfg, total_steps=1_000_000)
+    tx, schedule = optimizer(mse_cfg, 1_000_000, sae_cfg)
     params = init_sae(sae_cfg, jax.random.PRNGKey(0))
     if variant in ("real", "auxk_active", "sparse"):
-        step = make_mse_step(module, sae_cfg, tx, schedule)
+        step = make_mse_step(sae_cfg, tx, schedule)
     else:
         if variant == "plain_adam":
             tx = optax.adam(schedule, b1=mse_cfg.b1, b2=mse_cfg.b2)

@@ -38,9 +38,11 @@ class Plan:
     mesh: jax.sharding.Mesh  # over all devices of all processes
     init: Any = None  # the LoadedSAE of finetune.init_from, if set
 
+    def checkpoint_root(self) -> str:
+        return self.cfg.checkpoint.dir.rstrip("/") or f"{self.remote or self.run_dir}/checkpoints"
+
     def checkpointer(self, phase: str) -> Checkpointer:
-        root = self.cfg.checkpoint.dir.rstrip("/") or f"{self.remote or self.run_dir}/checkpoints"
-        return Checkpointer(f"{root}/{phase}", keep=self.cfg.checkpoint.keep)
+        return Checkpointer(f"{self.checkpoint_root()}/{phase}", keep=self.cfg.checkpoint.keep)
 
     def lm_shardings(self):
         from jaxsae.sharding import lm_param_shardings
@@ -74,19 +76,54 @@ class Context:
         cfg = self.plan.cfg
         return Splice(self.lm, cfg.hook.layer, float(self.store.scale), cfg.data.include_first_position)
 
-    def trajectory(self, phase: str, start: str | None) -> dict:
-        """The settings that shape `phase`'s trajectory, recorded in its checkpoints and checked on resume."""
-        cfg, p = self.cfg, P.get(phase)
-        sec = dataclasses.asdict(C.section(cfg, phase))
-        if p.kl_share is not None:
-            sec["kl_share"] = p.kl_share
-        data = dataclasses.asdict(cfg.data)
-        data.pop("eval_source")
-        sae = dataclasses.asdict(self.sae_cfg)
-        sae.pop("decode")  # only how x_hat is computed, not what
-        return {p.section: sec, "sae": sae, "hook": {"layer": cfg.hook.layer}, "data": data,
-                "model": {"path": self.plan.model_path, "dtype": cfg.model.dtype},
-                "store": {"tokens": int(self.store.n_tokens), "scale": float(self.store.scale)}, "start": start}
+    def trajectory(self, phase: str) -> dict:
+        """What `phase`'s checkpoints record and a resume must match (see `trajectory`)."""
+        return trajectory(self.plan, phase, self.store.meta)
+
+
+def planned_starts(cfg: C.RunConfig) -> dict[str, str | None]:
+    """Phase name -> the phase (or "init") whose SAE it continues, for the phases `cfg` lists."""
+    ran, out = ({"init"} if cfg.finetune.init_from else set()), {}
+    for p in P.ordered(cfg.phases):
+        out[p.name] = P.start_of(p, ran) if p.starts else None
+        if p.holds == "sae":
+            ran.add(p.name)
+    return out
+
+
+def trajectory(plan: Plan, phase: str, store_meta: dict | None) -> dict:
+    """The settings that shape `phase`'s trajectory: its section (with the registry's fixed KL share), the
+    SAE, hook, training data, model, the store's rows and scale, and the phase it continues. Recorded in
+    every checkpoint; a resume that differs is refused (`jaxsae.train.loop.check_resume`)."""
+    cfg, p = plan.cfg, P.get(phase)
+    sec = dataclasses.asdict(C.section(cfg, phase))
+    if p.kl_share is not None:
+        sec["kl_share"] = p.kl_share
+    data = dataclasses.asdict(cfg.data)
+    data.pop("eval_source")
+    sae = dataclasses.asdict(plan.sae_cfg)
+    sae.pop("decode")  # only how x_hat is computed, not what
+    out = {p.section: sec, "sae": sae, "hook": {"layer": cfg.hook.layer}, "data": data,
+           "model": {"path": plan.model_path, "dtype": cfg.model.dtype}, "start": planned_starts(cfg)[phase]}
+    if store_meta is not None and store_meta.get("complete"):
+        out["store"] = {"tokens": int(store_meta["tokens_written"]), "scale": float(store_meta["scale"])}
+    return out
+
+
+def check_resumes(plan: Plan, store_meta: dict | None) -> None:
+    """Every listed phase with checkpoints must have been trained as this config says, checked before
+    anything in the run directory changes. A directory that does not exist is not created."""
+    from jaxsae.train.loop import check_resume
+
+    for phase in plan.cfg.phases:
+        d = plan.checkpoint_root() + f"/{phase}"
+        if "://" not in d and not Path(d).is_dir():
+            continue
+        ckpt = plan.checkpointer(phase)
+        try:
+            check_resume(ckpt, phase, trajectory(plan, phase, store_meta))
+        finally:
+            ckpt.close()
 
 
 def split_run_dir(cfg: C.RunConfig, run_dir) -> tuple[Path, str | None]:
@@ -123,13 +160,13 @@ def mesh_for(cfg: C.RunConfig, devices: list, n_processes: int):
     return make_mesh(data, model, list(devices)[:data * model])
 
 
-def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> None:
-    """An existing store of another model or layer fails clearly."""
+def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> dict | None:
+    """The meta of an existing store (None: none yet); a store of another model or layer fails clearly."""
     from jaxsae.data.store import read_meta
 
     meta = read_meta(store_path)
     if meta is None:
-        return
+        return None
     d, layer = meta.get("model", {}).get("d_model"), meta.get("layer")
     if d != d_model:
         raise C.ConfigError(f"store.path={store_path} holds d_model={d} activations but the model has "
@@ -137,6 +174,7 @@ def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> None:
     if layer != cfg.hook.layer:
         raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
                             f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
+    return meta
 
 
 def plan(cfg: C.RunConfig, run_dir) -> Plan:
@@ -159,8 +197,9 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
         print(f"warning: mesh.model={model} with a replicated LM repeats the LM's forward passes on each of the "
               f"{model} devices of a model row; model.lm_sharding=tensor splits that work", file=sys.stderr)
     store_path = cfg.store.path or f"{remote or run_dir}/store"
+    store_meta = None
     if cfg.store.path or remote or (run_dir / "store").exists():
-        check_store(cfg, store_path, mcfg.d_model)
+        store_meta = check_store(cfg, store_path, mcfg.d_model)
     sae_cfg, init = sae_config(cfg, mcfg.d_model), None
     if cfg.finetune.init_from:
         from jaxsae.interop import load_init
@@ -170,4 +209,6 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
         except (ValueError, FileNotFoundError) as e:
             raise C.ConfigError(str(e)) from e
         sae_cfg = init.cfg
-    return Plan(cfg, run_dir, remote, model_path, store_path, sae_cfg, mcfg, mesh, init)
+    p = Plan(cfg, run_dir, remote, model_path, store_path, sae_cfg, mcfg, mesh, init)
+    check_resumes(p, store_meta)
+    return p

@@ -78,7 +78,7 @@ def run_phase(ctx, phase, start):
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
-            "trajectory": ctx.trajectory(phase.name, None if start is None else start.name)}
+            "trajectory": ctx.trajectory(phase.name)}
     # the first state is built under jit straight into its shardings (arrays as arguments, not constants)
     first = jax.jit(lambda p, d, lp: fresh(parts.tx, p, d, lp), out_shardings=parts.state_sh)
     state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts,

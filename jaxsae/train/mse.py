@@ -117,7 +117,7 @@ def run_phase(ctx, phase, start):
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
-            "reader": {"seed": cfg.mse.seed}, "trajectory": ctx.trajectory(phase.name, None)}
+            "reader": {"seed": cfg.mse.seed}, "trajectory": ctx.trajectory(phase.name)}
     try:
         state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, fresh, feed, meta,
                           cfg.checkpoint.every_steps, cfg.mse.batch_size)
