@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from jaxsae.config import FinetuneCfg, MSECfg
-from jaxsae.demo_lm import SHIPPED
+from jaxsae.models.shipped import SHIPPED
 from jaxsae.splice import Splice, kl_per_token
 from jaxsae.models import load_lm
 from jaxsae.models.gpt_neox import GPTNeoXConfig

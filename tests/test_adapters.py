@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxsae import config as C
-from jaxsae.evaluate import evaluate, next_token_ce
+from jaxsae.eval import evaluate, next_token_ce
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, init_sae, make_sae

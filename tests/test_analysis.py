@@ -1,4 +1,4 @@
-"""`jaxsae.analysis` and `python -m jaxsae.analyze`: every reported number against a brute-force one.
+"""`jaxsae.analysis` and `python -m jaxsae.analysis`: every reported number against a brute-force one.
 
 A tiny run directory is made the way the trainer makes one (config.yaml + an Orbax checkpoint through
 `Checkpointer`) around the shipped model and a random SAE, so no training is needed.
@@ -32,7 +32,7 @@ TEXT = "".join(f"def f{i}(x, y={i}):\n    if x > {i}:\n        return x * y  # Ã
 
 @pytest.fixture(scope="module")
 def lm():
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
     from jaxsae.models import load_lm
 
     return load_lm(SHIPPED)
@@ -205,7 +205,7 @@ def test_store_source_gives_the_same_pages_as_the_text(run_dir, tmp_path):
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jaxsae.analyze", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jaxsae.analysis", *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
 
 
@@ -218,7 +218,7 @@ def test_out_of_range_feature_exits_2_naming_d_sae(run_dir, tmp_path):
 
 
 def test_bad_requests_exit_2_before_compute(run_dir, tmp_path, capsys):
-    from jaxsae.analyze import main
+    from jaxsae.analysis import main
 
     assert main([str(tmp_path), "--features", "1"]) == 2  # no checkpoints/
     (tmp_path / "checkpoints").mkdir()

@@ -24,7 +24,7 @@ def gemma2_dir(tmp_path_factory) -> Path:
     import torch
     import transformers
 
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
 
     d = tmp_path_factory.mktemp("gemma2")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real BPE; its BOS is id 0

@@ -209,7 +209,7 @@ def test_bad_files_fail_clearly(exported, tmp_path):
 
 @pytest.fixture(scope="module")
 def shipped_exports(tmp_path_factory):
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
 
     d = json.loads((SHIPPED / "config.json").read_text())["hidden_size"]
     root = tmp_path_factory.mktemp("shipped")

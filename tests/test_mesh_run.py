@@ -28,7 +28,7 @@ def _eight_devices():
 
 
 def _cfg(*extra: str):
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
 
     return load_config(ROOT / "configs" / "demo.yaml", [
         f"model.path={SHIPPED}", "hook.layer=1", "data.context=32", "store.tokens=20000",
@@ -145,7 +145,7 @@ def test_collection_split_over_the_mesh_writes_the_same_rows(tmp_path):
     from jaxsae.data.collect import collect
     from jaxsae.data.store import open_store
     from jaxsae.data.text import StdlibSource
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
     from jaxsae.models.lm import load_lm
 
     lm = load_lm(SHIPPED)

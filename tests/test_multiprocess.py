@@ -18,7 +18,7 @@ import pytest
 from jaxsae.data.collect import collect
 from jaxsae.data.store import StoreError, open_store
 from jaxsae.data.text import StdlibSource
-from jaxsae.demo_lm import SHIPPED
+from jaxsae.models.shipped import SHIPPED
 from jaxsae.models.lm import load_lm
 
 ROOT = Path(__file__).parent.parent

@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 
 from jaxsae.data.text import StdlibSource, iter_contexts
-from jaxsae.demo_lm import SHIPPED
+from jaxsae.models.shipped import SHIPPED
 from jaxsae.models import load_lm
 
 

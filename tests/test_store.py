@@ -31,7 +31,7 @@ def model_dir(tmp_path_factory):
     import torch
     import transformers
 
-    from jaxsae.data.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from jaxsae.tools.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_neox")
     save_tokenizer(train_bpe_tokenizer(itertools.islice(StdlibSource("val"), 40), 512), d)

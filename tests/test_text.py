@@ -1,4 +1,4 @@
-"""Tests for jaxsae.data.text (corpus, sources, packing) and jaxsae.data.tokenizer."""
+"""Tests for jaxsae.data.text (corpus, sources, packing) and jaxsae.tools.tokenizer."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxsae.data import text as T
-from jaxsae.data.text import (FilesSource, HFDatasetSource, StdlibSource, TokenStream, batched_contexts,
+from jaxsae.data.text import (FilesSource, HFDatasetSource, StdlibSource, batch_contexts,
                               iter_contexts, make_source, pack_tokens, stdlib_files)
 
 
@@ -99,7 +99,7 @@ class WhitespaceTokenizer:
 
 @pytest.fixture(scope="module")
 def small_tok(tmp_path_factory):
-    from jaxsae.data.tokenizer import train_bpe_tokenizer
+    from jaxsae.tools.tokenizer import train_bpe_tokenizer
 
     files = stdlib_files("train")[::43][:40]
     out = tmp_path_factory.mktemp("tok")
@@ -116,20 +116,19 @@ def test_skip_contexts_skips_exactly(small_tok):
         rest = list(iter_contexts(src, tok, 64, skip_contexts=k, doc_batch_size=3))
         assert len(rest) == len(full) - k
         assert all(np.array_equal(a, b) for a, b in zip(rest, full[k:]))
-    stream = TokenStream(src, tok, 64)
-    batches = list(stream.batches(4, skip_contexts=2))
+    batches = list(batch_contexts(iter_contexts(src, tok, 64, skip_contexts=2), 4))
     assert len(batches) == (len(full) - 2) // 4 and batches[0].shape == (4, 64)
     assert batches[0].dtype == np.int32 and np.array_equal(batches[0][0], full[2])
-    assert stream.describe()["bos_id"] == 0 and stream.describe()["source"]["kind"] == "files"
 
 
 def test_batched_contexts_with_callable_tokenizer():
     docs = ["a bb ccc", "dddd", "e ff ggg hhhh iiiii"]
     rows = list(iter_contexts(docs, WhitespaceTokenizer(), 3, bos_id=None))
     assert [r.tolist() for r in rows] == [[2, 3, 4], [0, 5, 0], [2, 3, 4]]
-    batches = list(batched_contexts(docs, WhitespaceTokenizer(), 3, 2, bos_id=None))
+    batches = list(batch_contexts(iter_contexts(docs, WhitespaceTokenizer(), 3, bos_id=None), 2))
     assert len(batches) == 1 and batches[0].shape == (2, 3)
-    assert len(list(batched_contexts(docs, WhitespaceTokenizer(), 3, 2, bos_id=None, drop_last=False))) == 2
+    assert len(list(batch_contexts(iter_contexts(docs, WhitespaceTokenizer(), 3, bos_id=None), 2,
+                                   drop_last=False))) == 2
 
 
 # --------------------------------------------------------------------------- files / hf / factory
@@ -215,7 +214,7 @@ def test_tokenizer_round_trip_and_special_ids(small_tok):
 
 
 def test_tokenizer_training_is_deterministic(small_tok):
-    from jaxsae.data.tokenizer import train_bpe_tokenizer
+    from jaxsae.tools.tokenizer import train_bpe_tokenizer
 
     docs = [T.read_text(p) for p in stdlib_files("val")[:8]]
     a = train_bpe_tokenizer(docs, vocab_size=300)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).parent.parent
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """The shipped 4-layer pythia-stdlib: small, and trained, so zero-ablation really hurts."""
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
 
     return SHIPPED
 

@@ -1,7 +1,7 @@
 """Analysis of a trained SAE from its run directory: feature activations on any text, top activating
 contexts, feature density and the decoder's direct logit effects, written as markdown or HTML pages.
 
-    python -m jaxsae.analyze runs/demo --features 3 17 42
+    python -m jaxsae.analysis runs/demo --features 3 17 42
 
 Library use:
 
@@ -14,8 +14,8 @@ from jaxsae.analysis.activations import FeatureEncoder, TextActivations, feature
 from jaxsae.analysis.density import DensityCounter, plot_density
 from jaxsae.analysis.logits import Unembedding, feature_logit_effects, logit_effect, unembedding
 from jaxsae.analysis.pipeline import Request, analyze, check
-from jaxsae.analysis.run import AnalysisError, RunInfo, check_features, inspect_run
-from jaxsae.analysis.topk import Example, TopContexts
+from jaxsae.analysis.runinfo import AnalysisError, RunInfo, check_features, inspect_run
+from jaxsae.analysis.contexts import Example, TopContexts
 
 __all__ = [
     "AnalysisError", "DensityCounter", "Example", "FeatureEncoder", "Request", "RunInfo", "TextActivations",

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from jaxsae.analysis import render
-from jaxsae.analysis.run import AnalysisError, RunInfo, check_features, inspect_run
+from jaxsae.analysis.runinfo import AnalysisError, RunInfo, check_features, inspect_run
 from jaxsae.analysis.stream import contexts_for, open_run_store, source_spec, store_batches, text_batches
 
 FORMATS = ("md", "html")
@@ -65,7 +65,7 @@ def _scan(ck: Checked, encoder, req: Request):
     from tqdm.auto import tqdm
 
     from jaxsae.analysis.density import DensityCounter
-    from jaxsae.analysis.topk import TopContexts
+    from jaxsae.analysis.contexts import TopContexts
 
     info, tok = ck.info, encoder.lm.tokenizer
     n_ctx = contexts_for(req.tokens, info)

@@ -12,7 +12,7 @@ import html
 import re
 
 from jaxsae.analysis.tokens import is_blank, visible
-from jaxsae.analysis.topk import Example
+from jaxsae.analysis.contexts import Example
 
 
 @dataclasses.dataclass

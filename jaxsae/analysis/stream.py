@@ -15,7 +15,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from jaxsae.analysis.run import AnalysisError, RunInfo
+from jaxsae.analysis.runinfo import AnalysisError, RunInfo
 
 
 class Batch(NamedTuple):

@@ -56,7 +56,7 @@ def collect_store(p: Plan, lm, log: MetricsLog):
 def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, start: str | None) -> dict:
     """Evaluates `phase`'s SAE (with its adapter, if any) on the held-out text; writes eval.json."""
     from jaxsae.data.windows import eval_sequences
-    from jaxsae.evaluate import evaluate
+    from jaxsae.eval import evaluate
     from jaxsae.train.loop import write_eval
 
     cfg = ctx.cfg

@@ -3,7 +3,7 @@
 PATH is a run directory (its last phase), a phase directory (`runs/x/checkpoints/mse`) or one step
 (`runs/x/checkpoints/mse/500`). The model, hook layer and activation scale come from the checkpoint;
 the held-out text and its packing from the run's `config.yaml` (overridable with --set).
-Prints the metrics of `jaxsae.evaluate` as JSON.
+Prints the metrics of `jaxsae.eval` as JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import jaxsae
     from jaxsae.config import ConfigError, load_config
-    from jaxsae.evaluate import evaluate
+    from jaxsae.eval import evaluate
     from jaxsae.models import load_lm
     from jaxsae.models.hf import CheckpointError
     from jaxsae.data.windows import eval_sequences

@@ -1,4 +1,4 @@
-"""`python -m jaxsae.analyze RUN_DIR --features 3 17 42 [--source eval] [--tokens N] [--top 20] [--format md|html]`.
+"""`python -m jaxsae.analysis RUN_DIR --features 3 17 42 [--source eval] [--tokens N] [--top 20] [--format md|html]`.
 
 Writes one page per feature (density, top logit effects, top activating contexts), an index and a
 density histogram into --out (default RUN_DIR/analysis). User errors (no checkpoint, a feature past
@@ -16,7 +16,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from jaxsae.analysis.stream import SOURCE_HELP
 
-    ap = argparse.ArgumentParser(prog="python -m jaxsae.analyze", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m jaxsae.analysis", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="a run directory written by python -m jaxsae.train")
     ap.add_argument("--features", type=int, nargs="+", required=True, metavar="F", help="feature indices")
     ap.add_argument("--source", default="eval", help=SOURCE_HELP)
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from jaxsae.analysis.pipeline import Request, analyze, check
-    from jaxsae.analysis.run import AnalysisError
+    from jaxsae.analysis.runinfo import AnalysisError
     from jaxsae.models.hf import CheckpointError
 
     req = Request(a.run_dir, tuple(a.features), a.source, a.tokens, a.top, a.fmt, a.out, a.left, a.right,

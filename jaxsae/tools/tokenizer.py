@@ -2,17 +2,13 @@
 
 Lets the project build a tokenizer offline from the stdlib corpus and save it
 in the standard Hugging Face layout, so ``AutoTokenizer.from_pretrained(dir)``
-loads it like any hub tokenizer.
-
-    python -m jaxsae.data.tokenizer OUT_DIR --vocab-size 4096
+loads it like any hub tokenizer. `jaxsae.tools.demo_lm` trains the shipped model's with it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
-import time
 from typing import Iterable
 
 EOT = "<|endoftext|>"  # id 0: BOS, EOS and UNK, as in GPT-NeoX
@@ -82,43 +78,3 @@ def save_tokenizer(fast, out_dir: str | os.PathLike) -> pathlib.Path:
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """``AutoTokenizer.from_pretrained`` on a local directory."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def chars_per_token(tokenizer, docs: Iterable[str]) -> tuple[int, int]:
-    """(total characters, total tokens) of ``docs`` without special tokens."""
-    backend = tokenizer.backend_tokenizer
-    docs = list(docs)
-    n_tokens = sum(len(e.ids) for e in backend.encode_batch(docs, add_special_tokens=False))
-    return sum(map(len, docs)), n_tokens
-
-
-def main(argv: list[str] | None = None) -> None:
-    from jaxsae.data.text import StdlibSource
-
-    ap = argparse.ArgumentParser(description="Train a byte-level BPE on the Python stdlib source.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--split", default="train", choices=["train", "all"])
-    ap.add_argument("--no-tests", action="store_true", help="exclude stdlib test suites")
-    args = ap.parse_args(argv)
-
-    src = StdlibSource(args.split, include_tests=not args.no_tests)
-    t0 = time.perf_counter()
-    fast = train_bpe_tokenizer(src, args.vocab_size, args.out_dir)
-    train_s = time.perf_counter() - t0
-    n_chars, n_tok = chars_per_token(fast, StdlibSource("val", include_tests=not args.no_tests))
-    stats = {"vocab_size": len(fast), "train_seconds": round(train_s, 2), "source": src.describe(),
-             "val_chars": n_chars, "val_tokens": n_tok, "val_chars_per_token": round(n_chars / n_tok, 3)}
-    (pathlib.Path(args.out_dir) / "training_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    print(json.dumps(stats, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Trains the small GPT-NeoX that jaxsae ships, on the Python standard library's own source.
 
-    python -m jaxsae.demo_lm --out jaxsae/assets/pythia-stdlib
+    python -m jaxsae.tools.demo_lm --out jaxsae/assets/pythia-stdlib
 
 Everything here is jaxsae's own code: a byte-level BPE tokenizer (`tokenizers`), the Flax GPT-NeoX
 port, optax AdamW. The corpus is read at run time from the interpreter's stdlib directory, with a
@@ -27,7 +27,7 @@ import optax
 from tqdm import tqdm
 
 from jaxsae.data.text import StdlibSource, iter_contexts
-from jaxsae.data.tokenizer import train_bpe_tokenizer
+from jaxsae.tools.tokenizer import train_bpe_tokenizer
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 
@@ -137,7 +137,7 @@ def save(cfg: GPTNeoXConfig, params, tokenizer, out: Path, stats: dict) -> None:
     ).save_pretrained(out)
     safetensors.numpy.save_file(to_hf_state_dict(cfg, params, np.float32), out / "model.safetensors",
                                 metadata={"format": "pt"})
-    from jaxsae.data.tokenizer import save_tokenizer
+    from jaxsae.tools.tokenizer import save_tokenizer
 
     save_tokenizer(tokenizer, out)
     (out / "training_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
@@ -148,7 +148,7 @@ def model_card(s: dict) -> str:
     r = s["recipe"]
     return f"""# pythia-stdlib: a small GPT-NeoX trained on Python's standard library
 
-Trained by `python -m jaxsae.demo_lm` with jaxsae's own Flax GPT-NeoX port and optax, so that the
+Trained by `python -m jaxsae.tools.demo_lm` with jaxsae's own Flax GPT-NeoX port and optax, so that the
 SAE pipeline and the KL fine-tune can be demonstrated without downloading a model.
 
 | | |
@@ -161,7 +161,7 @@ SAE pipeline and the KL fine-tune can be demonstrated without downloading a mode
 | wall-clock | {s['train_seconds']} s training, {s['total_seconds']} s in all, on {s['devices']} (jax {s['jax']}) |
 | held-out CE | **{s['val_ce_nats']} nats/token** (train {s['train_ce_nats']}; uniform over the vocabulary would be {np.log(r['vocab_size']):.2f}) |
 
-Load it with `jaxsae.models.load_lm(jaxsae.demo_lm.SHIPPED)` or
+Load it with `jaxsae.models.load_lm(jaxsae.models.shipped.SHIPPED)` or
 `transformers.GPTNeoXForCausalLM.from_pretrained(...)`.
 """
 

@@ -1,0 +1,1 @@
+"""Tools that build what jaxsae ships (the demo LM and its tokenizer); not used by a run."""
