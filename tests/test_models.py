@@ -184,8 +184,8 @@ def test_bad_inputs_fail_clearly(checkpoints, tmp_path):
     bad = tmp_path / "unknown"
     shutil.copytree(path, bad)
     cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="model_type='llama' is not supported"):
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    with pytest.raises(CheckpointError, match="model_type='mistral' is not supported"):
         load_lm(bad)
 
     (bad / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))

@@ -7,7 +7,8 @@ per-token 1/sigma (or 1/rms) factor dropped:
 
     effect = W_U^T (gamma * P d)        P = centring (I - 11^T/D) for LayerNorm, identity for RMSNorm
 
-gamma is the norm's weight (GPT-NeoX: `final_layer_norm.scale`; Gemma: 1 + `norm.scale`). The dropped
+gamma is the norm's effective weight, as each LM family reports it (`Family.final_norm_and_unembed`;
+GPT-NeoX: `final_layer_norm.scale`, Gemma: 1 + `norm.scale`). The dropped
 factor is positive and the same for every vocabulary entry, so the ranking of tokens is exact for the
 linearised model; the values are "logits per unit of feature activation per unit 1/sigma" and compare
 between features of one SAE, not with real logit differences. The norm's bias adds the same vector to
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxsae.models.family import family_of
+
 
 class Unembedding(NamedTuple):
     gamma: np.ndarray  # f32[d_model]
@@ -28,15 +31,9 @@ class Unembedding(NamedTuple):
 
 
 def unembedding(lm) -> Unembedding:
-    """The final norm's weight and the unembedding matrix of a loaded LM (GPT-NeoX or Gemma)."""
-    p, cfg = lm.params, lm.config
-    if cfg.arch == "gpt_neox":
-        W_U = p["embed_in"].T if cfg.tie_word_embeddings else p["embed_out"]
-        return Unembedding(np.asarray(p["final_layer_norm"]["scale"], np.float32),
-                           np.asarray(W_U, np.float32), True)
-    # Gemma: RMSNorm scaled by (1 + w), tied embedding.
-    return Unembedding(1.0 + np.asarray(p["norm"]["scale"], np.float32),
-                       np.asarray(p["embed_tokens"], np.float32).T, False)
+    """The final norm's weight and the unembedding matrix of a loaded LM (any registered family)."""
+    gamma, W_U, centre = family_of(lm.config).final_norm_and_unembed(lm.params, lm.config)
+    return Unembedding(np.asarray(gamma, np.float32), np.asarray(W_U, np.float32), bool(centre))
 
 
 class LogitEffects(NamedTuple):

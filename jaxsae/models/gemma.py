@@ -1,9 +1,10 @@
-"""Gemma 1 and Gemma 2 in Flax Linen (one module: Gemma 2 is Gemma 1 plus a few switches).
+"""Gemma 1 and Gemma 2 in Flax Linen (one module: Gemma 2 is Gemma 1 plus a few switches), and their
+family entry (config whitelist, HF table, unembedding).
 
-Quirks handled here (see `hf.py` for the weight side):
+Quirks handled here:
 - RMSNorm scales by (1 + w), in float32 (`layers.GemmaRMSNorm`);
 - embeddings are multiplied by √d_model rounded to the activation dtype first;
-- GeGLU MLP with tanh-approximated GELU; tied unembedding;
+- GeGLU MLP with tanh-approximated GELU (legacy configs say "gelu" and mean it); tied unembedding;
 - multi-query / grouped-query attention, with `head_dim` independent of d_model / n_heads;
 - Gemma 2: norms after attention and after the MLP as well as before, attention-logit and
   final-logit soft-capping, sliding-window attention on alternating layers (layer 0 slides),
@@ -17,7 +18,11 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsae.models import hf
+from jaxsae.models.family import Family, register
+from jaxsae.models.hf import CheckpointError, Rule, heads_in, heads_out, identity, transpose
 from jaxsae.models.layers import ACTIVATIONS, GemmaRMSNorm, attend, attention_mask, param, rotary, sqrt_in_dtype
 
 
@@ -145,3 +150,77 @@ class Gemma(nn.Module):
 
     def __call__(self, tokens: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
         return self.unembed(self.blocks(self.embed(tokens), 0, self.cfg.n_layers, key_valid))
+
+
+# ------------------------------------------------------------------------------------- the family
+
+_KEYS = {
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "intermediate_size", "hidden_act", "hidden_activation", "rms_norm_eps", "rope_theta",
+    "rope_parameters", "rope_scaling", "attention_bias", "tie_word_embeddings",
+    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
+    "layer_types", "sliding_window_pattern",
+}
+
+
+def parse_config(raw: dict, dtype: str) -> GemmaConfig:
+    """config.json of model_type gemma or gemma2 -> GemmaConfig (version 1 or 2)."""
+    hf.check_keys(raw, _KEYS, "gemma")
+    version = 2 if raw["model_type"] == "gemma2" else 1
+    rope = hf.rope_parameters(raw, {"default": set()})
+    if raw.get("attention_bias"):
+        raise CheckpointError("attention_bias=true is not supported for Gemma; official checkpoints have none")
+    if not raw.get("tie_word_embeddings", True):
+        raise CheckpointError("tie_word_embeddings=false is not supported for Gemma; official checkpoints tie them")
+    n_layers = raw["num_hidden_layers"]
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act == "gelu":  # legacy Gemma configs say "gelu" but mean the tanh approximation (as transformers does)
+        act = "gelu_pytorch_tanh"
+    layer_types: tuple[str, ...] = ()
+    if version == 2:
+        layer_types = tuple(raw.get("layer_types") or
+                            ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)])
+        if len(layer_types) != n_layers:
+            raise CheckpointError(f"layer_types has {len(layer_types)} entries for {n_layers} layers; fix config.json")
+    v2 = lambda key: raw.get(key) if version == 2 else None  # noqa: E731 -- Gemma 2's switches only
+    d_model, n_heads = raw["hidden_size"], raw["num_attention_heads"]
+    return GemmaConfig(
+        vocab_size=raw["vocab_size"], d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=raw.get("num_key_value_heads", n_heads),
+        head_dim=raw.get("head_dim") or d_model // n_heads, d_mlp=raw["intermediate_size"], version=version,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_base=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        hidden_act=hf.activation(act), query_pre_attn_scalar=v2("query_pre_attn_scalar"),
+        attn_logit_softcapping=v2("attn_logit_softcapping"), final_logit_softcapping=v2("final_logit_softcapping"),
+        sliding_window=v2("sliding_window"), layer_types=layer_types,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 8192)), dtype=dtype,
+    )
+
+
+def conversion_table(c: GemmaConfig) -> list[Rule]:
+    rules: list[Rule] = [("embed_tokens", "model.embed_tokens.weight", identity),
+                         ("norm/scale", "model.norm.weight", identity)]
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if c.version == 2:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    for i in range(c.n_layers):
+        ours, theirs = f"layers_{i}", f"model.layers.{i}"
+        rules += [(f"{ours}/{n}/scale", f"{theirs}.{n}.weight", identity) for n in norms]
+        rules += [(f"{ours}/self_attn/q_kernel", f"{theirs}.self_attn.q_proj.weight", heads_in(c.n_heads)),
+                  (f"{ours}/self_attn/k_kernel", f"{theirs}.self_attn.k_proj.weight", heads_in(c.n_kv_heads)),
+                  (f"{ours}/self_attn/v_kernel", f"{theirs}.self_attn.v_proj.weight", heads_in(c.n_kv_heads)),
+                  (f"{ours}/self_attn/o_kernel", f"{theirs}.self_attn.o_proj.weight", heads_out(c.n_heads)),
+                  (f"{ours}/mlp/gate_kernel", f"{theirs}.mlp.gate_proj.weight", transpose),
+                  (f"{ours}/mlp/up_kernel", f"{theirs}.mlp.up_proj.weight", transpose),
+                  (f"{ours}/mlp/down_kernel", f"{theirs}.mlp.down_proj.weight", transpose)]
+    return rules
+
+
+def final_norm_and_unembed(params, c: GemmaConfig) -> tuple[np.ndarray, np.ndarray, bool]:
+    """RMSNorm's effective weight 1 + w f32[D], the tied W_U = embed_tokens^T f32[D, V], no centring."""
+    return (1.0 + np.asarray(params["norm"]["scale"], np.float32),
+            np.asarray(params["embed_tokens"], np.float32).T, False)
+
+
+FAMILY = register(Family("gemma", ("gemma", "gemma2"), GemmaConfig, Gemma, parse_config, conversion_table,
+                         final_norm_and_unembed))

@@ -1,11 +1,13 @@
-"""Hugging Face checkpoints: config detection, weight files, and the conversion tables.
+"""Hugging Face checkpoints: the generic machinery every LM family shares.
 
-Each architecture has one declarative table of (our param path, HF tensor name, transform). A
-transform turns one HF tensor (numpy, any dtype) into our layout; conversion happens tensor by tensor
-straight into the requested dtype, so a large model never needs a second full float32 copy.
+Each family (`jaxsae.models.family`) declares one table of (our param path, HF tensor name, transform);
+the transforms are built from the helpers here. A transform turns one HF tensor (numpy, any dtype) into
+our layout; conversion happens tensor by tensor straight into the requested dtype, so a large model
+never needs a second full float32 copy.
 
-Config attributes are whitelisted per architecture: an attribute we do not handle (or a value we do
-not support, such as RoPE scaling) fails loudly rather than silently computing something else.
+Config attributes are whitelisted per family (`check_keys`, on top of the generic attributes below
+that never change the forward pass): an attribute a port does not handle (or a value it does not
+support, such as an unknown RoPE scaling) fails loudly rather than silently computing something else.
 """
 
 from __future__ import annotations
@@ -15,18 +17,14 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
 
-from jaxsae.models.gemma import GemmaConfig
-from jaxsae.models.gpt_neox import GPTNeoXConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the fix."""
-
+# CheckpointError lives with the registry (an unknown model_type raises it); callers catch hf.CheckpointError.
+from jaxsae.models.family import CheckpointError, ModelConfig, Rule, family_for_model_type, family_of
+from jaxsae.models.layers import ACTIVATIONS
 
 # ----------------------------------------------------------------------------------------- config
 
@@ -41,113 +39,51 @@ _GENERIC = {
     "add_cross_attention", "tie_encoder_decoder", "pruned_heads", "torchscript", "finetuning_task",
     "prefix", "sep_token_id", "decoder_start_token_id", "cross_attention_hidden_size", "layer_norm_epsilon",
 }
-_NEOX_KEYS = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_act", "rotary_pct", "rotary_emb_base", "rope_parameters", "rope_scaling", "rope_theta",
-    "layer_norm_eps", "use_parallel_residual", "tie_word_embeddings", "attention_bias",
-}
-_GEMMA_KEYS = {
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "intermediate_size", "hidden_act", "hidden_activation", "rms_norm_eps", "rope_theta",
-    "rope_parameters", "rope_scaling", "attention_bias", "tie_word_embeddings",
-    "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping", "sliding_window",
-    "layer_types", "sliding_window_pattern",
-}
 
 
-def _check_keys(cfg: dict, allowed: set[str], arch: str) -> None:
-    unknown = sorted(set(cfg) - allowed - _GENERIC)
+def check_keys(raw: dict, allowed: set[str], family: str) -> None:
+    """Fails on any config.json attribute outside `allowed` and the generic ones."""
+    unknown = sorted(set(raw) - allowed - _GENERIC)
     if unknown:
         raise CheckpointError(
-            f"config.json for {arch} has attributes jaxsae does not handle: {unknown}; "
-            "a port would silently compute something else, so add support in jaxsae/models/hf.py first")
+            f"config.json for {raw.get('model_type', family)} has attributes jaxsae does not handle: {unknown}; "
+            f"a port would silently compute something else, so add support in jaxsae/models/{family}.py first")
 
 
-def _rope(cfg: dict) -> dict:
-    """RoPE settings from either the old flat keys or transformers 5's `rope_parameters`."""
-    rope = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling")
+_ROPE_ALWAYS = {"rope_type", "type", "rope_theta"}
+
+
+def rope_parameters(raw: dict, supported: Mapping[str, set[str]]) -> dict:
+    """RoPE settings from the old flat keys (`rope_scaling`) or transformers 5's `rope_parameters`.
+
+    supported: rope_type -> the keys (besides rope_type and rope_theta) that type may carry. Returns the
+    merged dict with `rope_type` set; an unsupported type or an unknown key fails loudly.
+    """
+    rope = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling")
     if scaling:
         rope.update(scaling)
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise CheckpointError(f"rope_type={kind!r} is not supported (only 'default' RoPE); use a checkpoint without RoPE scaling")
-    return rope
+    if kind not in supported:
+        raise CheckpointError(f"rope_type={kind!r} is not supported for {raw.get('model_type')} (only "
+                              f"{sorted(supported)}); use a checkpoint without that RoPE scaling")
+    unknown = sorted(set(rope) - _ROPE_ALWAYS - supported[kind])
+    if unknown:
+        raise CheckpointError(f"RoPE parameters {unknown} are not handled for rope_type={kind!r}; "
+                              f"known: {sorted(supported[kind])}")
+    return {**rope, "rope_type": kind}
 
 
-def neox_config(cfg: dict, dtype: str) -> GPTNeoXConfig:
-    _check_keys(cfg, _NEOX_KEYS, "gpt_neox")
-    rope = _rope(cfg)
-    return GPTNeoXConfig(
-        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"], d_mlp=cfg["intermediate_size"],
-        rotary_pct=float(rope.get("partial_rotary_factor", cfg.get("rotary_pct", 0.25))),
-        rotary_base=float(rope.get("rope_theta", cfg.get("rotary_emb_base", cfg.get("rope_theta", 10000.0)))),
-        layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        use_parallel_residual=bool(cfg.get("use_parallel_residual", True)),
-        hidden_act=_act(cfg.get("hidden_act", "gelu")),
-        attention_bias=bool(cfg.get("attention_bias", True)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-        dtype=dtype,
-    )
-
-
-def gemma_config(cfg: dict, dtype: str, version: int) -> GemmaConfig:
-    _check_keys(cfg, _GEMMA_KEYS, "gemma" if version == 1 else "gemma2")
-    rope = _rope(cfg)
-    if cfg.get("attention_bias"):
-        raise CheckpointError("attention_bias=true is not supported for Gemma; official checkpoints have none")
-    if not cfg.get("tie_word_embeddings", True):
-        raise CheckpointError("tie_word_embeddings=false is not supported for Gemma; official checkpoints tie them")
-    n_layers = cfg["num_hidden_layers"]
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    if act == "gelu":  # legacy Gemma configs say "gelu" but mean the tanh approximation (as transformers does)
-        act = "gelu_pytorch_tanh"
-    layer_types: tuple[str, ...] = ()
-    if version == 2:
-        layer_types = tuple(cfg.get("layer_types") or
-                            ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)])
-        if len(layer_types) != n_layers:
-            raise CheckpointError(f"layer_types has {len(layer_types)} entries for {n_layers} layers; fix config.json")
-    d_model, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    return GemmaConfig(
-        vocab_size=cfg["vocab_size"], d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads", n_heads),
-        head_dim=cfg.get("head_dim") or d_model // n_heads, d_mlp=cfg["intermediate_size"], version=version,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        hidden_act=_act(act),
-        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if version == 2 else None,
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping") if version == 2 else None,
-        final_logit_softcapping=cfg.get("final_logit_softcapping") if version == 2 else None,
-        sliding_window=cfg.get("sliding_window") if version == 2 else None,
-        layer_types=layer_types, max_position_embeddings=int(cfg.get("max_position_embeddings", 8192)),
-        dtype=dtype,
-    )
-
-
-def _act(name: str) -> str:
-    from jaxsae.models.layers import ACTIVATIONS
-
+def activation(name: str) -> str:
+    """`name` if jaxsae implements that `hidden_act`, else CheckpointError."""
     if name not in ACTIVATIONS:
         raise CheckpointError(f"hidden activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}")
     return name
 
 
-ARCHITECTURES = {
-    "gpt_neox": lambda cfg, dtype: neox_config(cfg, dtype),
-    "gemma": lambda cfg, dtype: gemma_config(cfg, dtype, 1),
-    "gemma2": lambda cfg, dtype: gemma_config(cfg, dtype, 2),
-}
-
-
-def parse_config(cfg: dict, dtype: str) -> GPTNeoXConfig | GemmaConfig:
-    model_type = cfg.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise CheckpointError(
-            f"model_type={model_type!r} is not supported; jaxsae ports {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[model_type](cfg, dtype)
+def parse_config(raw: dict, dtype: str) -> ModelConfig:
+    """config.json (as a dict) -> the config of the family that reads its `model_type`."""
+    return family_for_model_type(raw.get("model_type")).parse_config(raw, dtype)
 
 
 # ------------------------------------------------------------------------------------ conversion
@@ -185,71 +121,9 @@ def heads_out(n_heads: int) -> Transform:
                      lambda k: k.reshape(-1, k.shape[-1]).T)
 
 
-def neox_qkv(n_heads: int, which: int, bias: bool) -> Transform:
-    """GPT-NeoX's fused query_key_value is interleaved per head: rows are [h, (q|k|v), d].
-
-    weight [3*h*d, D] <-> kernel [D, h, d]; bias [3*h*d] <-> [h, d]. `which`: 0 q, 1 k, 2 v.
-    """
-    if bias:
-        return Transform(lambda b: b.reshape(n_heads, 3, -1)[:, which],
-                         lambda parts: np.stack(parts, axis=1).reshape(-1), which, 3)
-    return Transform(lambda w: w.reshape(n_heads, 3, -1, w.shape[-1])[:, which].transpose(2, 0, 1),
-                     lambda parts: np.stack([k.transpose(1, 2, 0) for k in parts], axis=1).reshape(-1, parts[0].shape[0]),
-                     which, 3)
-
-
-Rule = tuple[str, str, Transform]  # (our path "a/b/c", HF tensor name, transform)
-
-
-def neox_table(c: GPTNeoXConfig) -> list[Rule]:
-    h = c.n_heads
-    rules: list[Rule] = [("embed_in", "gpt_neox.embed_in.weight", identity),
-                         ("final_layer_norm/scale", "gpt_neox.final_layer_norm.weight", identity),
-                         ("final_layer_norm/bias", "gpt_neox.final_layer_norm.bias", identity)]
-    if not c.tie_word_embeddings:
-        rules.append(("embed_out", "embed_out.weight", transpose))
-    for i in range(c.n_layers):
-        ours, hf = f"layers_{i}", f"gpt_neox.layers.{i}"
-        for ln in ("input_layernorm", "post_attention_layernorm"):
-            rules += [(f"{ours}/{ln}/scale", f"{hf}.{ln}.weight", identity),
-                      (f"{ours}/{ln}/bias", f"{hf}.{ln}.bias", identity)]
-        for j, name in enumerate("qkv"):
-            rules.append((f"{ours}/attention/{name}_kernel", f"{hf}.attention.query_key_value.weight",
-                          neox_qkv(h, j, bias=False)))
-            if c.attention_bias:
-                rules.append((f"{ours}/attention/{name}_bias", f"{hf}.attention.query_key_value.bias",
-                              neox_qkv(h, j, bias=True)))
-        rules.append((f"{ours}/attention/o_kernel", f"{hf}.attention.dense.weight", heads_out(h)))
-        if c.attention_bias:
-            rules.append((f"{ours}/attention/o_bias", f"{hf}.attention.dense.bias", identity))
-        rules += [(f"{ours}/mlp/up_kernel", f"{hf}.mlp.dense_h_to_4h.weight", transpose),
-                  (f"{ours}/mlp/up_bias", f"{hf}.mlp.dense_h_to_4h.bias", identity),
-                  (f"{ours}/mlp/down_kernel", f"{hf}.mlp.dense_4h_to_h.weight", transpose),
-                  (f"{ours}/mlp/down_bias", f"{hf}.mlp.dense_4h_to_h.bias", identity)]
-    return rules
-
-
-def gemma_table(c: GemmaConfig) -> list[Rule]:
-    rules: list[Rule] = [("embed_tokens", "model.embed_tokens.weight", identity),
-                         ("norm/scale", "model.norm.weight", identity)]
-    norms = ["input_layernorm", "post_attention_layernorm"]
-    if c.version == 2:
-        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    for i in range(c.n_layers):
-        ours, hf = f"layers_{i}", f"model.layers.{i}"
-        rules += [(f"{ours}/{n}/scale", f"{hf}.{n}.weight", identity) for n in norms]
-        rules += [(f"{ours}/self_attn/q_kernel", f"{hf}.self_attn.q_proj.weight", heads_in(c.n_heads)),
-                  (f"{ours}/self_attn/k_kernel", f"{hf}.self_attn.k_proj.weight", heads_in(c.n_kv_heads)),
-                  (f"{ours}/self_attn/v_kernel", f"{hf}.self_attn.v_proj.weight", heads_in(c.n_kv_heads)),
-                  (f"{ours}/self_attn/o_kernel", f"{hf}.self_attn.o_proj.weight", heads_out(c.n_heads)),
-                  (f"{ours}/mlp/gate_kernel", f"{hf}.mlp.gate_proj.weight", transpose),
-                  (f"{ours}/mlp/up_kernel", f"{hf}.mlp.up_proj.weight", transpose),
-                  (f"{ours}/mlp/down_kernel", f"{hf}.mlp.down_proj.weight", transpose)]
-    return rules
-
-
-def conversion_table(c: GPTNeoXConfig | GemmaConfig) -> list[Rule]:
-    return neox_table(c) if isinstance(c, GPTNeoXConfig) else gemma_table(c)
+def conversion_table(c: ModelConfig) -> list[Rule]:
+    """The conversion table of `c`'s family: [(our path, HF tensor name, Transform)]."""
+    return family_of(c).conversion_table(c)
 
 
 # ---------------------------------------------------------------------------------- weight files

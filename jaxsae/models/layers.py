@@ -76,16 +76,20 @@ class GemmaRMSNorm(nn.Module):
         return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, rot_dim: int, base: float) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, rot_dim: int, base: float,
+           inv_freq: jax.Array | None = None) -> jax.Array:
     """Rotary embedding on the first `rot_dim` features of each head ("rotate half" layout).
 
     x: [b, t, h, d]; positions: int[t]. Features past `rot_dim` pass through (GPT-NeoX's partial
     rotary). cos/sin are computed in float32 and cast to x's dtype, as transformers does.
+    inv_freq: f32[rot_dim / 2] replaces the default base^(-2i / rot_dim) (scaled RoPE variants).
     """
     if rot_dim == 0:
         return x
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [t, rot_dim/2]
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
+    assert inv_freq.shape == (rot_dim // 2,), (inv_freq.shape, rot_dim)
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]  # [t, rot_dim/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[None, :, None, :]  # [1, t, 1, rot_dim]
     cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
     x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]

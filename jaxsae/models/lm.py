@@ -23,15 +23,14 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxsae.models import hf
-from jaxsae.models.gemma import Gemma, GemmaConfig
-from jaxsae.models.gpt_neox import GPTNeoX, GPTNeoXConfig
+from jaxsae.models.family import ModelConfig, family_of
 
-ModelConfig = GPTNeoXConfig | GemmaConfig
 Params = Any
 
 
 def make_module(cfg: ModelConfig) -> nn.Module:
-    return GPTNeoX(cfg) if isinstance(cfg, GPTNeoXConfig) else Gemma(cfg)
+    """The Flax module of `cfg`'s family (`jaxsae.models.family`)."""
+    return family_of(cfg).module_cls(cfg)
 
 
 class LM:
@@ -153,6 +152,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
+    """The model config in `path`/config.json, parsed by the family that reads its `model_type`."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise hf.CheckpointError(f"{path} has no config.json; point at a directory saved with save_pretrained")
