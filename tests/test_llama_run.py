@@ -23,7 +23,7 @@ def llama_dir(tmp_path_factory) -> Path:
     import torch
     import transformers
 
-    from jaxsae.demo_lm import SHIPPED
+    from jaxsae.models.shipped import SHIPPED
 
     d = tmp_path_factory.mktemp("llama")
     for name in ("tokenizer.json", "tokenizer_config.json"):  # a real BPE; its BOS is id 0
