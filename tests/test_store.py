@@ -345,3 +345,75 @@ def test_reader_bf16_store(tmp_path):
     assert rows.dtype == np.float32
     want = x.astype(st.array.dtype.numpy_dtype).astype(np.float32)
     assert np.array_equal(rows[np.lexsort(rows.T[::-1])], want[np.lexsort(want.T[::-1])])
+
+
+# --------------------------------------------------------------------------- missing and damaged data
+
+def _shard_files(p) -> list:
+    return sorted(f for f in (p / "activations" / "c").rglob("*") if f.is_file())
+
+
+def test_collected_store_has_a_manifest(collected):
+    url, _ = collected
+    man = open_store(url).meta["manifest"]
+    assert man["rows"] == 1000 and "activations/zarr.json" in man["files"]
+    shards = [k for k in man["files"] if k.startswith("activations/c/")]
+    assert len(shards) == -(-1000 // 64) and all(v > 0 for v in man["files"].values())
+
+
+def test_missing_shard_is_an_error_not_zeros(tmp_path):
+    p = tmp_path / "st"
+    x = np.arange(1, 1 + 256 * 8, dtype=np.float32).reshape(256, 8)
+    write_array_store(p, x, chunk_rows=16, shard_chunks=2)  # 8 shard files of 32 rows
+    files = _shard_files(p)
+    assert len(files) == 8 and set(open_store(p).meta["manifest"]["files"]) == \
+        {"activations/zarr.json", *(str(f.relative_to(p)) for f in files)}
+    files[3].unlink()  # rows [96, 128)
+    with pytest.raises(StoreError, match=r"file activations/c/3/0 is missing.*delete .*st"):
+        open_store(p)
+    st = open_store(p, verify=False)  # even unchecked, a read of the lost rows fails instead of giving zeros
+    assert np.array_equal(st.read(0, 96), x[:96])
+    with pytest.raises(StoreError, match=r"missing or corrupt.*c/3/0.*delete"):
+        st.read(90, 100)
+    r = ShuffledReader(st, 64, seed=0, normalize=False)
+    with pytest.raises(StoreError, match="c/3/0"):
+        _take(r, 4)  # one epoch: every row is read once
+
+
+def test_all_zero_rows_are_stored_not_missing(tmp_path):
+    x = np.zeros((64, 8), np.float32)
+    x[32:] = 1.0  # the first shard is all fill value: it must still be written, and read back
+    st = write_array_store(tmp_path / "z", x, chunk_rows=16, shard_chunks=2, scale=1.0)
+    assert len(_shard_files(tmp_path / "z")) == 2 and np.array_equal(st.read(0, 64), x)
+
+
+def test_truncated_or_flipped_shard_is_named(tmp_path):
+    p = tmp_path / "st"
+    x = np.random.default_rng(0).normal(size=(128, 8)).astype(np.float32)
+    write_array_store(p, x, chunk_rows=16, shard_chunks=2)
+    a, b = _shard_files(p)[1], _shard_files(p)[2]
+    good = a.read_bytes()
+    a.write_bytes(good[:len(good) // 2])
+    with pytest.raises(StoreError, match=r"file activations/c/1/0 has \d+ bytes, the manifest says \d+"):
+        open_store(p)
+    a.write_bytes(good)
+    data = bytearray(b.read_bytes())
+    data[5] ^= 0xFF  # same size: only the chunk checksum can tell
+    b.write_bytes(bytes(data))
+    st = open_store(p)  # sizes are right
+    assert np.array_equal(st.read(0, 64), x[:64])
+    with pytest.raises(StoreError, match=r"c/2/0.*[Dd]igest mismatch"):
+        st.read(64, 96)
+    with pytest.raises(StoreError, match=r"c/2/0"):
+        S.verify_store(p, full=True)
+
+
+def test_missing_key_in_memory_store():
+    url = "memory://lost/"
+    write_array_store(url, np.ones((64, 8), np.float32), chunk_rows=16, shard_chunks=2)
+    kv = S._open_kv(url)
+    kv.write("activations/c/1/0", None).result()  # delete
+    with pytest.raises(StoreError, match="file activations/c/1/0 is missing"):
+        open_store(url)
+    with pytest.raises(StoreError, match="missing or corrupt"):
+        open_store(url, verify=False).read(0, 64)

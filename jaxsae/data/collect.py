@@ -26,7 +26,7 @@ import tensorstore as ts
 
 from jaxsae.data.store import (FORMAT_VERSION, ActivationStore, PathLike, StoreError, _create_array, _jsonable,
                                _now, _np_dtype, _open_array, _open_kv, _scale, _write_meta, chunk_rows_for,
-                               hook_name, open_store, read_meta)
+                               hook_name, open_store, read_meta, store_manifest)
 
 # Test hook: seconds to sleep after each commit, so a test can SIGKILL a collection mid-way.
 COMMIT_DELAY_ENV = "JAXSAE_STORE_COMMIT_DELAY"
@@ -224,7 +224,7 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
         meta["text_exhausted"] = True
     if meta["scale"] is None:
         meta["scale"] = _scale(arr, min(n_scale, pos), d, 4 * chunk_rows)
-    meta["complete"] = True
+    meta.update(complete=True, manifest=store_manifest(kv, pos))  # every write above has finished
     _write_meta(kv, meta)
     return info()
 
@@ -396,5 +396,6 @@ def _finish_processes(kv, meta, arr, n_proc: int, n_shards: int, r: int) -> None
                       "to them", stacklevel=3)
         arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
     meta.update(tokens_written=pos, contexts_consumed=-(-pos // r), text_exhausted=pos < n, complete=True,
-                scale=_scale(arr, min(meta["norm_sample_tokens"], pos), d, 4 * meta["chunk_rows"]))
+                scale=_scale(arr, min(meta["norm_sample_tokens"], pos), d, 4 * meta["chunk_rows"]),
+                manifest=store_manifest(kv, pos))  # after the barrier: every process's shards are written
     _write_meta(kv, meta)

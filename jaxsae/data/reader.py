@@ -166,6 +166,8 @@ class ShuffledReader:
         if isinstance(item, _Failure):
             self.close()
             err = item.error
+            if isinstance(err, StoreError):  # missing or corrupt rows: the store's own message names the fix
+                raise StoreError(str(err)) from err
             raise RuntimeError(f"ShuffledReader failed reading {self.store.url}: {err}") from err
         self.step += 1
         return item

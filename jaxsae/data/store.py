@@ -19,6 +19,18 @@ fully packed, so there is no padding. ``scale`` is one scalar with E||x / scale|
 the first ``norm_sample_tokens`` rows; readers multiply by 1/scale, exporters fold it back in.
 ``contexts_consumed`` counts the contexts with rows in the store (the last possibly in part), so a
 later phase that skips that many contexts of the same text stream never reuses this text.
+
+Missing data is never read as zeros. Every open sets ``fill_missing_data_reads: false`` (a chunk
+that is absent from its shard file, or a shard file that is gone, is a read error, not the zarr
+fill value) and ``store_data_equal_to_fill_value: true`` (so an all-zero chunk is still written and
+never mistaken for a missing one). Every chunk carries a crc32c (zarr3 ``crc32c`` codec), checked by
+tensorstore on each read, so flipped or truncated bytes are read errors too; all of them surface as
+StoreError naming the file. When a store is completed its ``manifest`` (row count, and every file
+under ``activations/`` with its size in bytes) goes into meta.json, and ``open_store`` checks that
+every listed file exists with that size before a phase starts: a stat per shard file, cheap even
+for thousands of shards. Content is not hashed there: at the ~0.7-2 GB/s a crc32 of the files runs
+on one core that would cost minutes per opening of a 100 GB store; ``verify_store(path, full=True)``
+reads every row instead (the chunk checksums catch corruption), on request.
 """
 from __future__ import annotations
 
@@ -38,6 +50,9 @@ DTYPES = ("float32", "bfloat16")
 # One context for the whole process: memory:// stores live in a context resource, so without a
 # shared context every open would see a fresh, empty memory store.
 _CONTEXT = ts.Context()
+# Reads of absent chunks fail (instead of returning the fill value); chunks equal to the fill value
+# are still written, so "absent" always means "lost".
+_DATA_OPTIONS = {"fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
 _REQUIRED_KEYS = ("format_version", "model", "dtype", "chunk_rows", "shard_rows", "tokens_target",
                   "tokens_written", "scale", "complete")
 
@@ -133,14 +148,15 @@ def hook_name(layer: int) -> str:
 
 def _array_spec(kv: ts.KvStore, rows: int, d_model: int, dtype: str, chunk_rows: int,
                 shard_rows: int) -> dict[str, Any]:
-    raw = [{"name": "bytes", "configuration": {"endian": "little"}}]  # activations barely compress
+    # activations barely compress; the crc32c makes a damaged chunk a read error, not wrong numbers
+    raw = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
     if shard_rows == chunk_rows:
         codecs = raw
     else:
         codecs = [{"name": "sharding_indexed", "configuration": {
             "chunk_shape": [chunk_rows, d_model], "codecs": raw, "index_location": "end",
             "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]}}]
-    return {"driver": "zarr3", "kvstore": (kv / ARRAY_DIR).spec().to_json(), "metadata": {
+    return {"driver": "zarr3", "kvstore": (kv / ARRAY_DIR).spec().to_json(), **_DATA_OPTIONS, "metadata": {
         "shape": [rows, d_model], "data_type": dtype, "fill_value": 0, "codecs": codecs,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [shard_rows, d_model]}}}}
 
@@ -154,8 +170,8 @@ def _open_array(kv: ts.KvStore, meta: Mapping[str, Any]) -> ts.TensorStore:
     """Opens the array and checks it against ``meta``; StoreError naming the mismatch otherwise."""
     where = kv.url
     try:
-        arr = ts.open({"driver": "zarr3", "kvstore": (kv / ARRAY_DIR).spec().to_json()}, open=True,
-                      context=_CONTEXT).result()
+        arr = ts.open({"driver": "zarr3", "kvstore": (kv / ARRAY_DIR).spec().to_json(), **_DATA_OPTIONS},
+                      open=True, context=_CONTEXT).result()
     except Exception as e:
         raise StoreError(f"store {where} has {META_KEY} but its activations array is missing or unreadable "
                          f"({e}); re-run collection into a fresh path (or with overwrite=True)") from e
@@ -177,7 +193,108 @@ def _open_array(kv: ts.KvStore, meta: Mapping[str, Any]) -> ts.TensorStore:
     return arr
 
 
+# --------------------------------------------------------------------------- manifest
+
+def _fix(kv: ts.KvStore) -> str:
+    return (f"the store is damaged: delete {_where(kv)} (or collect with overwrite=True) and run again to "
+            "re-collect it")
+
+
+def _where(kv: ts.KvStore) -> str:
+    spec = kv.spec().to_json()
+    return spec["path"].rstrip("/") if spec.get("driver") == "file" else kv.url
+
+
+def _local_root(kv: ts.KvStore) -> str | None:
+    spec = kv.spec().to_json()
+    return spec["path"] if spec.get("driver") == "file" else None
+
+
+def _file_sizes(kv: ts.KvStore, keys: list[str]) -> dict[str, int | None]:
+    """Size in bytes of each key (None: absent). Local files are stat-ed; memory:// values are read
+    (free); other kvstores (gs://) report None for present keys: listing them is all that is cheap."""
+    root = _local_root(kv)
+    if root is not None:
+        out: dict[str, int | None] = {}
+        for k in keys:
+            try:
+                out[k] = os.stat(root + k).st_size
+            except FileNotFoundError:
+                out[k] = None
+        return out
+    present = {k.decode() for k in kv.list(ts.KvStore.KeyRange(ARRAY_DIR, ARRAY_DIR[:-1] + "0")).result()}
+    if kv.spec().to_json().get("driver") == "memory":
+        return {k: len(kv.read(k).result().value) if k in present else None for k in keys}
+    return {k: (-1 if k in present else None) for k in keys}  # -1: present, size not checked
+
+
+def store_manifest(kv: ts.KvStore, rows: int) -> dict[str, Any]:
+    """{"rows": rows, "files": {key: bytes}} for every file of the array (keys relative to the store);
+    written into meta.json when a store is completed. Sizes are null where they are not cheap to
+    learn (gs://): there only presence is checked."""
+    keys = sorted(k.decode() for k in kv.list(ts.KvStore.KeyRange(ARRAY_DIR, ARRAY_DIR[:-1] + "0")).result())
+    sizes = _file_sizes(kv, keys)
+    return {"rows": int(rows), "files": {k: (v if v is not None and v >= 0 else None) for k, v in sizes.items()}}
+
+
+def _check_manifest(kv: ts.KvStore, meta: Mapping[str, Any]) -> None:
+    man = meta.get("manifest")
+    if man is None:  # incomplete, or completed before manifests were written: reads still never fill
+        return
+    if man.get("rows") != meta["tokens_written"]:
+        raise StoreError(f"store {kv.url}: {META_KEY} says {meta['tokens_written']} rows but its manifest "
+                         f"says {man.get('rows')}; {_fix(kv)}")
+    want: dict[str, int | None] = man.get("files", {})
+    have = _file_sizes(kv, list(want))
+    for key, size in want.items():
+        got = have[key]
+        if got is None:
+            raise StoreError(f"store {kv.url}: file {key} is missing; {_fix(kv)}")
+        if size is not None and got >= 0 and got != size:
+            raise StoreError(f"store {kv.url}: file {key} has {got} bytes, the manifest says {size} (truncated or "
+                             f"overwritten); {_fix(kv)}")
+
+
+def _data_error(kv: ts.KvStore, e: BaseException) -> StoreError:
+    """A tensorstore read failure (absent chunk, checksum mismatch, short file) as one StoreError line."""
+    why = " ".join(str(e).split())
+    return StoreError(f"store {kv.url}: its data is missing or corrupt ({why}); {_fix(kv)}")
+
+
+def verify_store(path: "PathLike | ActivationStore", *, full: bool = False) -> None:
+    """Checks the store before any phase uses it; StoreError naming the first bad file.
+
+    Always: the manifest's files exist with their sizes (``open_store`` does this). ``full``: also
+    reads every row, shard by shard, so each chunk's crc32c is checked (reads the whole store once).
+    """
+    st = path if isinstance(path, ActivationStore) else open_store(path, allow_incomplete=True)
+    _check_manifest(st.kv, st.meta)
+    if full:
+        step = st.shard_rows * max(1, (64 << 20) // (st.shard_rows * st.d_model * 4))  # ~64 MB per read
+        for a in range(0, st.n_tokens, step):
+            st.read(a, min(st.n_tokens, a + step))
+
+
 # --------------------------------------------------------------------------- reading
+
+class StoreRead:
+    """A read in flight (``ActivationStore.read_async``): ``result()`` gives the rows or raises StoreError."""
+
+    def __init__(self, kv: ts.KvStore, future: ts.Future):
+        self._kv, self._future = kv, future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def result(self) -> np.ndarray:
+        try:
+            return self._future.result()
+        except ValueError as e:  # tensorstore reports NOT_FOUND / DATA_LOSS / OUT_OF_RANGE as ValueError
+            raise _data_error(self._kv, e) from e
+
 
 class ActivationStore:
     """An opened store. ``read(start, stop)`` -> f32[stop - start, d_model] (many rows per call)."""
@@ -204,10 +321,11 @@ class ActivationStore:
         if not 0 <= start <= stop <= self.n_tokens:
             raise IndexError(f"rows [{start}, {stop}) are outside the store's [0, {self.n_tokens})")
 
-    def read_async(self, start: int, stop: int) -> ts.Future:
-        """A future of the stored rows (store dtype) [start, stop): several can be in flight at once."""
+    def read_async(self, start: int, stop: int) -> StoreRead:
+        """A future of the stored rows (store dtype) [start, stop): several can be in flight at once.
+        Its ``result()`` raises StoreError if any of them is missing or corrupt on disk."""
         self._check(start, stop)
-        return self.array[start:stop].read()
+        return StoreRead(self.kv, self.array[start:stop].read())
 
     def inv_scale(self) -> float:
         if self.scale is None:
@@ -221,9 +339,10 @@ class ActivationStore:
         return x * np.float32(self.inv_scale()) if normalize else x
 
 
-def open_store(path: PathLike, *, allow_incomplete: bool = False) -> ActivationStore:
+def open_store(path: PathLike, *, allow_incomplete: bool = False, verify: bool = True) -> ActivationStore:
     """Opens and validates a store. Incomplete stores are refused unless ``allow_incomplete``
-    (then only the committed rows are visible)."""
+    (then only the committed rows are visible). ``verify``: check the manifest's files (sizes) now
+    (``verify_store``); reads of missing or corrupt data are StoreErrors either way."""
     kv = _open_kv(path)
     meta = read_meta(kv)
     if meta is None:
@@ -237,6 +356,8 @@ def open_store(path: PathLike, *, allow_incomplete: bool = False) -> ActivationS
         raise StoreError(f"store {kv.url} is incomplete: {meta['tokens_written']} of {meta['tokens_target']} "
                          "tokens committed. Re-run collection with the same config to resume it, or pass "
                          "allow_incomplete=True to read the committed rows.")
+    if verify:
+        _check_manifest(kv, meta)
     return ActivationStore(kv, meta, array)
 
 
@@ -269,6 +390,6 @@ def write_array_store(path: PathLike, x: Any, *, dtype: str = "float32", chunk_r
             "n_layers": None}, "dtype": dtype, "chunk_rows": chunk_rows, "shard_rows": shard_rows,
             "tokens_target": n, "tokens_written": n, "complete": True, "created": _now(),
             "scale": float(scale) if scale is not None else _scale(arr, n, d, 4 * chunk_rows),
-            **(extra or {})}
+            **(extra or {}), "manifest": store_manifest(kv, n)}
     _write_meta(kv, meta)
     return open_store(kv)
