@@ -22,13 +22,15 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxsae import interop  # noqa: E402
 from jaxsae.config import ConfigError, load_config  # noqa: E402
-from jaxsae.sae import SAEConfig, init_sae  # noqa: E402
+from jaxsae.sae import KINDS, SAEConfig, init_sae, kind_of  # noqa: E402
 from jaxsae.sae.load import LoadedSAE, load_sae  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-KINDS = ("topk", "relu", "jumprelu", "batchtopk")
 SCALE = 7.3
 D, S, K = 32, 64, 8
+# the SAELens architecture each kind is written as, and the kind it imports back as
+SAELENS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+SAELENS_BACK = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
 def make_sae(kind: str, d_model: int = D, d_sae: int = S, scale: float = SCALE, seed: int = 0) -> LoadedSAE:
@@ -110,7 +112,7 @@ def exported(tmp_path_factory):
 def test_saelens_files(exported):
     for kind, (sae, sl, _) in exported.items():
         cfg = json.loads((sl / "cfg.json").read_text())
-        arch = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[kind]
+        arch = SAELENS[kind]
         assert cfg["architecture"] == arch and (cfg["d_in"], cfg["d_sae"]) == (D, S)
         assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
         assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
@@ -132,15 +134,20 @@ def test_dictionary_learning_files(exported):
         "jumprelu": {"W_enc": (D, S), "b_enc": (S,), "W_dec": (S, D), "b_dec": (D,), "threshold": (S,)},
     }
     want["batchtopk"] = want["topk"]
+    dtypes = {"k": torch.int32}
     for kind, (sae, _, dl) in exported.items():
         sd = torch.load(dl / "ae.pt", weights_only=True)
         assert list(sd) == list(want[kind]), kind  # the order their state_dict() has
         assert {k: tuple(v.shape) for k, v in sd.items()} == want[kind]
-        assert all(v.dtype == (torch.int32 if k == "k" else torch.float32) for k, v in sd.items())
+        assert all(v.dtype == dtypes.get(k, torch.float32) for k, v in sd.items())
         tr = json.loads((dl / "config.json").read_text())["trainer"]
-        assert tr["dict_class"] == interop.dictionary_learning.DICT_CLASS[kind]
+        cls = interop.dictionary_learning.DICT_CLASS[kind]
+        assert tr["dict_class"] == cls
         assert (tr["activation_dim"], tr["dict_size"], tr["layer"], tr["lm_name"]) == (D, S, 1, "some/model")
-        assert list(tr) == interop.dictionary_learning.TRAINER_KEYS[kind]
+        assert list(tr) == list(interop.dictionary_learning.CLASSES[cls].trainer_keys)
+        if kind == "batchtopk":
+            assert (tr["threshold_beta"], tr["threshold_start_step"]) == (0.999, 1000)
+            assert float(sd["threshold"]) == pytest.approx(0.08)
 
 
 # --- parity -------------------------------------------------------------------------------------------------
@@ -162,6 +169,10 @@ def test_round_trip(exported, kind, tmp_path):
     for path in (sl, dl):
         back = interop.load(path)
         assert back.scale == 1.0 and back.meta["hook_layer"] == 1 and back.meta["model"] == "some/model"
+        # dictionary_learning has every kind's class; SAELens gives the jumprelu that batchtopk kinds infer as
+        assert back.cfg.kind == (kind if path == dl else SAELENS_BACK[SAELENS[kind]])
+        if path == dl:
+            assert back.cfg.k == sae.cfg.k or not kind_of(kind).uses_k
         assert_same(f, xh, back, x)
         saved = load_sae(interop.save_jaxsae(back, tmp_path / path.name))
         assert_same(f, xh, saved, x)
@@ -171,6 +182,19 @@ def test_round_trip(exported, kind, tmp_path):
         assert_same(f, xh, moved, x, latents=False)
         if back.cfg.unit_norm_decoder:
             np.testing.assert_allclose(np.linalg.norm(moved.params["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_dictionary_learning_thresholds_and_detection(tmp_path):
+    # an uncalibrated BatchTopK threshold stays -1 both ways, which dictionary_learning's trainer reads as such
+    sae = make_sae("batchtopk", scale=1.0)
+    sae.params["threshold"] = jnp.asarray(-1.0, jnp.float32)
+    dl = interop.export(sae, tmp_path / "uncalibrated", "dictionary_learning")
+    assert float(torch.load(dl / "ae.pt", weights_only=True)["threshold"]) == -1.0
+    assert float(interop.load(dl).params["threshold"]) == -1.0
+    # without config.json the keys cannot tell BatchTopK from TopK, which share them
+    (dl / "config.json").unlink()
+    with pytest.raises(ValueError, match="cannot tell AutoEncoderTopK from BatchTopKSAE apart without config.json"):
+        interop.load(dl)
 
 
 def test_saelens_variants_fold_exactly(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.sae: per-kind behaviour, decoder-norm helpers, init, and a
+"""Tests for jaxsae.sae: the kinds' registry, per-kind behaviour, decoder-norm helpers, init, and a
 planted-dictionary recovery test. Small sizes: runs on 2 CPU cores."""
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxsae.sae import (
+    KINDS,
     SAEConfig,
     dead_mask,
     geometric_median,
     heaviside_step,
     init_sae,
     jumprelu,
+    kind_of,
     l1_coeff_at,
     make_sae,
     maybe_unit_norm_decoder,
+    post_update,
     project_out_parallel_grad,
     reconstruction_loss,
     renormalize_decoder,
@@ -58,6 +61,10 @@ def _setup(kind, **kw):
         (dict(kind="relu", d_model=32, d_sae=64, dtype="int8"), "sae.dtype"),
         (dict(kind="relu", d_model=32, d_sae=64, decode="sparse"), "sae.decode=sparse needs a fixed k"),
         (dict(kind="topk", d_model=32, d_sae=64, decode="gather"), "sae.decode='gather'"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, decode="sparse"), "sae.decode=sparse needs a fixed k"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, k=65), "sae.k=65 exceeds"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_decay=1.0), "sae.threshold_decay"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_start_step=-1), "sae.threshold_start_step"),
     ],
 )
 def test_config_validation_errors(kw, needle):
@@ -75,12 +82,53 @@ def test_config_defaults():
     assert SAEConfig(kind="topk", d_model=64, d_sae=8, k=4).effective_k_aux == 8
     assert not SAEConfig(kind="relu", d_model=64, d_sae=512).unit_norm_decoder
     hash(cfg)  # usable as a jit static arg
+    # the run config's `sae:` section: every field has a default; d_model comes from the model later
+    run = SAEConfig()
+    assert (run.kind, run.d_model, run.d_sae, run.k) == ("topk", 0, 4096, 32)
+    assert (run.threshold_decay, run.threshold_start_step) == (0.999, 1000)
+    assert run.validate(require_d_model=False) is run
+    with pytest.raises(ValueError, match="sae.d_model=0"):
+        run.validate()
+
+
+def test_registry():
+    assert KINDS == ("topk", "batchtopk", "relu", "jumprelu")
+    flags = {k: (kind_of(k).unit_norm_decoder, kind_of(k).l1_controlled, kind_of(k).fixed_k, kind_of(k).uses_k)
+             for k in KINDS}
+    assert flags == {"topk": (True, False, True, True), "batchtopk": (True, False, False, True),
+                     "relu": (False, True, False, False), "jumprelu": (False, False, False, False)}
+    cfg = SAEConfig(kind="relu", d_model=D, d_sae=S)
+    assert kind_of(cfg) is kind_of("relu") and kind_of(cfg).module is type(make_sae(cfg))
+    with pytest.raises(ValueError, match="sae.kind='gated' is unknown: choose one of topk, batchtopk"):
+        kind_of("gated")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_trains_through_one_interface(kind):
+    """Forward, loss, gradient and post_update look the same for every registered kind."""
+    cfg, model, params = _setup(kind, k=8, l1_coeff=0.1, l0_coeff=0.1)
+    x = _x((2, 6, D))
+    dead = jnp.arange(S) < 16
+
+    def loss(p):
+        x_hat, out = model.apply({"params": p}, x, dead=dead)
+        return reconstruction_loss(x, x_hat) + out.aux_loss, (x_hat, out)
+
+    (value, (x_hat, out)), g = jax.value_and_grad(loss, has_aux=True)(params)
+    assert x_hat.shape == x.shape and out.f.shape == (2, 6, S) and out.pre.shape == (2, 6, S)
+    assert out.fired.shape == (S,) and set(g) == set(params) and np.isfinite(float(value))
+    np.testing.assert_allclose(out.aux_loss, sum(float(v) for v in out.penalties.values()), rtol=1e-6)
+    new = jax.jit(post_update, static_argnums=0)(cfg, params, out, jnp.int32(5000))
+    assert set(new) == set(params)
+    for name in params:  # only the batchtopk kinds' threshold moves
+        same = np.array_equal(np.asarray(new[name]), np.asarray(params[name]))
+        assert same != (name == "threshold"), name
 
 
 # ---------------------------------------------------------------- init / axes
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_init_and_axes(kind):
     cfg, _, _ = _setup(kind)
     sample = _x((200, D)) + 3.0
@@ -99,6 +147,7 @@ def test_init_and_axes(kind):
         np.testing.assert_allclose(jnp.exp(params["log_threshold"]), cfg.jumprelu_init_threshold, rtol=1e-5)
     if kind == "batchtopk":
         assert axes["threshold"] == P() and params["threshold"].shape == ()
+        assert float(params["threshold"]) == -1.0  # uncalibrated, as dictionary_learning starts
     assert float(jnp.abs(init_sae(cfg, jax.random.key(0))["b_dec"]).max()) == 0.0
 
 
@@ -156,7 +205,7 @@ def test_sparse_decoder_equals_dense_with_its_gradients(dtype):
     np.testing.assert_allclose(xh1, xh0, **tol)
     np.testing.assert_allclose(v1, v0, **tol)
     np.testing.assert_array_equal(o1.f, o0.f)
-    assert float(o1.auxk) > 0 and float(o1.l0) == 8.0
+    assert float(o1.penalties["auxk"]) > 0 and float(o1.l0) == 8.0
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], err_msg=k, **tol)
 
@@ -175,7 +224,7 @@ def test_auxk_only_with_dead_latents():
 
     @jax.jit
     def auxk(p, d):
-        return model.apply({"params": p}, x, dead=d)[1].auxk
+        return model.apply({"params": p}, x, dead=d)[1].penalties["auxk"]
 
     assert float(auxk(params, None)) == 0.0
     assert float(auxk(params, jnp.zeros(S, bool))) == 0.0
@@ -201,26 +250,60 @@ def test_dead_counter():
 # ---------------------------------------------------------------- batchtopk
 
 
-def test_batchtopk_train_budget_and_threshold():
+def test_batchtopk_trains_with_a_batch_wide_budget():
     cfg, model, params = _setup("batchtopk", k=8)
     B = 16
     x = _x((B, D))
-    _, out = model.apply({"params": params}, x, train=True)
-    assert int(jnp.sum(out.f > 0)) == 8 * B
-    per_token = jnp.sum(out.f > 0, axis=-1)
-    assert float(per_token.mean()) == 8.0
+    _, out = jax.jit(lambda p: model.apply({"params": p}, x, train=True))(params)
+    assert int(jnp.sum(out.f > 0)) == 8 * B  # k * B entries over the whole batch ...
+    per_token = np.asarray(jnp.sum(out.f > 0, axis=-1))
+    assert float(out.l0) == 8.0 and len(set(per_token.tolist())) > 1  # ... not k per token
+    # they are the batch's k * B largest ReLU'd pre-activations
+    kept = np.sort(np.asarray(out.f).reshape(-1))[::-1][: 8 * B]
+    np.testing.assert_allclose(kept, np.sort(np.asarray(jax.nn.relu(out.pre)).reshape(-1))[::-1][: 8 * B])
+    # TopK with the same params keeps k per token: a different code
+    tk_cfg = SAEConfig(kind="topk", d_model=D, d_sae=S, k=8)
+    _, tk = make_sae(tk_cfg).apply({"params": {k: v for k, v in params.items() if k != "threshold"}}, x)
+    np.testing.assert_array_equal(jnp.sum(tk.f > 0, axis=-1), 8)
+    assert not np.array_equal(np.asarray(tk.f), np.asarray(out.f))
 
+
+def test_batchtopk_threshold_rule():
+    """dictionary_learning's rule: -1 until the update after step threshold_start_step, which takes the
+    batch's smallest kept activation; an EMA with threshold_decay after that."""
+    cfg, model, params = _setup("batchtopk", k=8, threshold_start_step=3, threshold_decay=0.9)
+    x = _x((16, D))
+    _, out = model.apply({"params": params}, x)
     min_pos = float(jnp.min(jnp.where(out.f > 0, out.f, jnp.inf)))
-    thr = update_threshold(params["threshold"], out.f)  # uncalibrated: take min
-    np.testing.assert_allclose(thr, min_pos, rtol=1e-6)
-    thr2 = update_threshold(thr, 2.0 * out.f, decay=0.9)
-    np.testing.assert_allclose(thr2, 0.9 * min_pos + 0.1 * 2 * min_pos, rtol=1e-5)
-    assert float(update_threshold(thr, jnp.zeros_like(out.f))) == float(thr)
+    update = jax.jit(lambda p, o, s: post_update(cfg, p, o, s))
+    for step in range(4):  # steps 0..3: not yet
+        assert float(update(params, out, jnp.int32(step))["threshold"]) == -1.0
+    p4 = update(params, out, jnp.int32(4))
+    np.testing.assert_allclose(p4["threshold"], min_pos, rtol=1e-6)
+    _, out2 = model.apply({"params": params}, 2.0 * x)  # a batch with other activations
+    min2 = float(jnp.min(jnp.where(out2.f > 0, out2.f, jnp.inf)))
+    p5 = update(p4, out2, jnp.int32(5))
+    np.testing.assert_allclose(p5["threshold"], 0.9 * min_pos + 0.1 * min2, rtol=1e-5)
+    # a calibrated threshold keeps moving from step 0 (a fine-tune restarts its step count)
+    np.testing.assert_allclose(update(p4, out2, jnp.int32(0))["threshold"], p5["threshold"], rtol=1e-6)
+    # a batch with nothing active pulls towards 0, as dictionary_learning's does
+    np.testing.assert_allclose(update_threshold(p4["threshold"], jnp.zeros_like(out.f), 0.9), 0.9 * min_pos,
+                               rtol=1e-6)
 
-    params = dict(params, threshold=thr)
+
+def test_batchtopk_inference_uses_the_threshold():
+    cfg, model, params = _setup("batchtopk", k=8)
+    x = _x((16, D))
+    _, out = model.apply({"params": params}, x)
+    # uncalibrated (-1): plain ReLU
+    np.testing.assert_allclose(model.apply({"params": params}, x, method=model.encode), jax.nn.relu(out.pre))
+    thr = 0.3
+    params = dict(params, threshold=jnp.asarray(thr, jnp.float32))
     f_inf = model.apply({"params": params}, x, method=model.encode)  # train=False
     np.testing.assert_array_equal(f_inf > 0, out.pre > thr)
     np.testing.assert_allclose(f_inf, jnp.where(out.pre > thr, out.pre, 0.0))
+    _, out_eval = model.apply({"params": params}, x, train=False)
+    np.testing.assert_allclose(out_eval.f, f_inf)
     # The threshold is not trained by gradients.
     g = jax.grad(lambda p: model.apply({"params": p}, x, train=False)[0].sum())(params)
     assert float(g["threshold"]) == 0.0
@@ -282,9 +365,9 @@ def test_relu_l1_and_warmup():
     np.testing.assert_allclose(out.f, jax.nn.relu(out.pre))
     norms = jnp.linalg.norm(params["W_dec"], axis=1)
     expected = 2.0 * jnp.mean(jnp.sum(out.f * norms, axis=-1))
-    np.testing.assert_allclose(out.l1, expected, rtol=1e-5)
+    np.testing.assert_allclose(out.penalties["l1"], expected, rtol=1e-5)
     _, out_half = model.apply({"params": params}, x, l1_coeff=l1_coeff_at(50, cfg))
-    np.testing.assert_allclose(out_half.l1, expected / 2, rtol=1e-5)
+    np.testing.assert_allclose(out_half.penalties["l1"], expected / 2, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- jumprelu
@@ -311,11 +394,11 @@ def test_jumprelu_threshold_gets_gradient():
 
     def parts(p):
         x_hat, out = model.apply({"params": p}, x)
-        return reconstruction_loss(x, x_hat), out.l0_loss
+        return reconstruction_loss(x, x_hat), out.penalties["l0_loss"]
 
     _, out = model.apply({"params": params}, x)
     np.testing.assert_allclose(out.f, jnp.where(out.pre > 0.5, out.pre, 0.0), rtol=1e-5)
-    assert float(out.l0_loss) == pytest.approx(float(out.l0), rel=1e-5)
+    assert float(out.penalties["l0_loss"]) == pytest.approx(float(out.l0), rel=1e-5)
     g_mse = jax.grad(lambda p: parts(p)[0])(params)["log_threshold"]
     g_l0 = jax.grad(lambda p: parts(p)[1])(params)["log_threshold"]
     assert float(jnp.abs(g_mse).max()) > 0.0
