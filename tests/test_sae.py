@@ -31,8 +31,10 @@ from jaxsae.sae import (
     update_dead_counter,
     update_threshold,
 )
+from jaxsae.sae.matryoshka import group_sizes
 
 D, S = 32, 256
+GROUPS = (0.125, 0.25, 0.625)  # Matryoshka groups of 32, 64 and 160 latents at S = 256
 
 
 def _x(shape, seed=0):
@@ -40,6 +42,8 @@ def _x(shape, seed=0):
 
 
 def _setup(kind, **kw):
+    if kind == "matryoshka_batchtopk":
+        kw = {"group_fractions": GROUPS, **kw}
     cfg = SAEConfig(kind=kind, d_model=D, d_sae=S, **kw).validate()
     return cfg, make_sae(cfg), init_sae(cfg, jax.random.key(1))
 
@@ -65,6 +69,11 @@ def _setup(kind, **kw):
         (dict(kind="batchtopk", d_model=32, d_sae=64, k=65), "sae.k=65 exceeds"),
         (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_decay=1.0), "sae.threshold_decay"),
         (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_start_step=-1), "sae.threshold_start_step"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64), "needs sae.group_fractions"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.5, 0.4)), "sum to 1"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.001, 0.999)), "empty group"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.5, 0.5), group_weights=(1.0,)),
+         "sae.group_weights"),
     ],
 )
 def test_config_validation_errors(kw, needle):
@@ -89,14 +98,19 @@ def test_config_defaults():
     assert run.validate(require_d_model=False) is run
     with pytest.raises(ValueError, match="sae.d_model=0"):
         run.validate()
+    # lists (from JSON or YAML) become tuples, so the config stays hashable
+    m = SAEConfig(kind="matryoshka_batchtopk", d_model=8, d_sae=64, group_fractions=[0.25, 0.75]).validate()
+    assert m.group_fractions == (0.25, 0.75)
+    hash(m)
 
 
 def test_registry():
-    assert KINDS == ("topk", "batchtopk", "relu", "jumprelu")
+    assert KINDS == ("topk", "batchtopk", "relu", "jumprelu", "matryoshka_batchtopk")
     flags = {k: (kind_of(k).unit_norm_decoder, kind_of(k).l1_controlled, kind_of(k).fixed_k, kind_of(k).uses_k)
              for k in KINDS}
     assert flags == {"topk": (True, False, True, True), "batchtopk": (True, False, False, True),
-                     "relu": (False, True, False, False), "jumprelu": (False, False, False, False)}
+                     "relu": (False, True, False, False), "jumprelu": (False, False, False, False),
+                     "matryoshka_batchtopk": (True, False, False, True)}
     cfg = SAEConfig(kind="relu", d_model=D, d_sae=S)
     assert kind_of(cfg) is kind_of("relu") and kind_of(cfg).module is type(make_sae(cfg))
     with pytest.raises(ValueError, match="sae.kind='gated' is unknown: choose one of topk, batchtopk"):
@@ -114,7 +128,7 @@ def test_every_kind_trains_through_one_interface(kind):
         x_hat, out = model.apply({"params": p}, x, dead=dead)
         return reconstruction_loss(x, x_hat) + out.aux_loss, (x_hat, out)
 
-    (value, (x_hat, out)), g = jax.value_and_grad(loss, has_aux=True)(params)
+    (value, (x_hat, out)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert x_hat.shape == x.shape and out.f.shape == (2, 6, S) and out.pre.shape == (2, 6, S)
     assert out.fired.shape == (S,) and set(g) == set(params) and np.isfinite(float(value))
     np.testing.assert_allclose(out.aux_loss, sum(float(v) for v in out.penalties.values()), rtol=1e-6)
@@ -145,7 +159,7 @@ def test_init_and_axes(kind):
     if kind == "jumprelu":
         assert axes["log_threshold"] == P("d_sae")
         np.testing.assert_allclose(jnp.exp(params["log_threshold"]), cfg.jumprelu_init_threshold, rtol=1e-5)
-    if kind == "batchtopk":
+    if kind in ("batchtopk", "matryoshka_batchtopk"):
         assert axes["threshold"] == P() and params["threshold"].shape == ()
         assert float(params["threshold"]) == -1.0  # uncalibrated, as dictionary_learning starts
     assert float(jnp.abs(init_sae(cfg, jax.random.key(0))["b_dec"]).max()) == 0.0
@@ -307,6 +321,63 @@ def test_batchtopk_inference_uses_the_threshold():
     # The threshold is not trained by gradients.
     g = jax.grad(lambda p: model.apply({"params": p}, x, train=False)[0].sum())(params)
     assert float(g["threshold"]) == 0.0
+
+
+# ---------------------------------------------------------------- matryoshka batchtopk
+
+
+def test_matryoshka_group_sizes():
+    def sizes(d_sae, fr):
+        return group_sizes(SAEConfig(kind="matryoshka_batchtopk", d_model=4, d_sae=d_sae, group_fractions=fr))
+
+    assert sizes(S, GROUPS) == (32, 64, 160)
+    assert sizes(100, (0.3, 0.3, 0.4)) == (30, 30, 40)  # floor, the last group takes the rest
+    assert sizes(10, (0.25, 0.25, 0.5)) == (2, 2, 6)
+    assert sizes(49, (1 / 49, 48 / 49)) == (1, 48)  # (1/49) * 49 is 0.999...: not floored to 0
+
+
+@pytest.mark.parametrize("weights", [None, (0.5, 1.0, 2.0)])
+def test_matryoshka_prefix_loss_matches_a_numpy_reference(weights):
+    """Trainer loss (full reconstruction + penalties) = sum_m (w_m / w_G) L_m (+ AuxK), with
+    L_m = mean_tokens ||x - b_dec - f[:, :c_m] W_dec[:c_m]||^2; and = G / w_G times dictionary_learning's
+    mean_m(w_m L_m)."""
+    cfg, model, params = _setup("matryoshka_batchtopk", k=8, group_weights=weights)
+    x = _x((24, D), seed=4) + 0.5
+    x_hat, out = model.apply({"params": params}, x)  # no dead mask: no AuxK
+    assert set(out.penalties) == {"auxk", "matryoshka"} and float(out.penalties["auxk"]) == 0.0
+    f, W, b = (np.asarray(a, np.float64) for a in (out.f, params["W_dec"], params["b_dec"]))
+    xn = np.asarray(x, np.float64)
+    ends = np.cumsum([32, 64, 160])
+    L = np.array([np.mean(np.sum((xn - b - f[:, :c] @ W[:c]) ** 2, -1)) for c in ends])
+    w = np.ones(3) / 3 if weights is None else np.asarray(weights)
+    total = float(reconstruction_loss(x, x_hat) + out.aux_loss)
+    np.testing.assert_allclose(float(reconstruction_loss(x, x_hat)), L[-1], rtol=1e-5)
+    np.testing.assert_allclose(total, np.sum(w / w[-1] * L), rtol=1e-5)
+    np.testing.assert_allclose(out.penalties["matryoshka"], np.sum(w[:-1] / w[-1] * L[:-1]), rtol=1e-5)
+    np.testing.assert_allclose(total, len(w) / w[-1] * np.mean(w * L), rtol=1e-5)
+    # the activation is BatchTopK over all latents: k * N active in the batch
+    assert int(np.sum(f > 0)) == 8 * 24
+
+
+def test_matryoshka_trains_with_the_mse_step():
+    """The trainer's own step, unchanged: loss falls, the prefix loss is logged, the threshold calibrates."""
+    from jaxsae.config import MSECfg
+    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+
+    cfg, model, params = _setup("matryoshka_batchtopk", k=8, threshold_start_step=2, dead_tokens_threshold=64)
+    tx, sched = mse_optimizer(MSECfg(lr=1e-2, warmup_steps=0, decay_fraction=0.0), cfg, 30)
+    state = init_state(params, tx, cfg, seed=0)
+    step = make_mse_step(model, cfg, tx, sched)
+    x = _x((64, D), seed=5) @ jnp.diag(jnp.linspace(0.2, 2.0, D))
+    losses, thresholds = [], []
+    for _ in range(30):
+        state, m = step(state, x)
+        losses.append(float(m["train/loss"]))
+        thresholds.append(float(state["params"]["threshold"]))
+    assert {"train/matryoshka", "train/auxk"} <= set(m)
+    np.testing.assert_allclose(m["train/loss"], m["train/mse"] + m["train/matryoshka"] + m["train/auxk"], rtol=1e-5)
+    assert losses[-1] < 0.7 * losses[0]
+    assert thresholds[:3] == [-1.0] * 3 and thresholds[3] > 0 and thresholds[-1] != thresholds[3]
 
 
 # ---------------------------------------------------------------- decoder norm

@@ -80,7 +80,7 @@ def save_jaxsae(sae: LoadedSAE, out_dir: str | Path) -> Path:
 def load_init(path: str | Path, fmt: str | None, run_sae: SAEConfig, layer: int) -> LoadedSAE:
     """The SAE a fine-tune starts from (`finetune.init_from`), checked against the run.
 
-    The architecture (`ARCHITECTURE_FIELDS`: kind, d_sae, k) comes from the file; the
+    The architecture (`ARCHITECTURE_FIELDS`: kind, d_sae, k, Matryoshka groups) comes from the file; the
     training settings (l1_coeff, l0_coeff, auxk_coeff, bandwidth, dtype, ...) from the run's `sae:` section.
     A d_model other than the model's or a hook layer other than the run's `hook.layer` is a ValueError
     naming both.

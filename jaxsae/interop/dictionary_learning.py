@@ -1,6 +1,7 @@
 """dictionary_learning format (saprmarks/dictionary_learning): `ae.pt` + `config.json`.
 
-Matched against dictionary_learning 0.1.0 (PyPI; same classes and trainer configs as the GitHub main branch):
+Matched against dictionary_learning 0.1.0 (PyPI; same classes and trainer configs as the GitHub main branch;
+MatryoshkaBatchTopKSAE as trainers/matryoshka_batch_top_k.py on the main branch has it):
 
     dict_class              kind                  ae.pt (torch state dict in state_dict() order; f32 unless noted)
     AutoEncoder             relu                  bias [D], encoder.weight [S, D], encoder.bias [S],
@@ -10,11 +11,14 @@ Matched against dictionary_learning 0.1.0 (PyPI; same classes and trainer config
     BatchTopKSAE            batchtopk             same keys as AutoEncoderTopK; threshold is the inference threshold
                                                   (-1: not calibrated yet)
     JumpReluAutoEncoder     jumprelu              W_enc [D, S], b_enc [S], W_dec [S, D], b_dec [D], threshold [S]
+    MatryoshkaBatchTopKSAE  matryoshka_batchtopk  W_enc [D, S], b_enc [S], W_dec [S, D], b_dec [D], k i32[],
+                                                  threshold f32[], group_sizes i64[G]
 
 Their encoders: AutoEncoder relu(enc(x - bias)); AutoEncoderTopK top-k of relu(enc(x - b_dec));
-BatchTopKSAE (inference) r * (r > threshold) with r = relu(enc(x - b_dec)); JumpReluAutoEncoder
-relu(p * (p > threshold)) with p = x @ W_enc + b_enc, b_dec not subtracted (apply_b_dec_to_input is
-False and not saved), so export folds b_dec into b_enc. Decoders: dec(f) + bias / b_dec.
+BatchTopKSAE (inference) r * (r > threshold) with r = relu(enc(x - b_dec)), and MatryoshkaBatchTopKSAE the
+same with r = relu((x - b_dec) @ W_enc + b_enc); JumpReluAutoEncoder relu(p * (p > threshold)) with
+p = x @ W_enc + b_enc, b_dec not subtracted (apply_b_dec_to_input is False and not saved), so export folds
+b_dec into b_enc. Decoders: dec(f) + bias / b_dec.
 
 `config.json` is {"trainer": <the matching trainer's `config` dict>, "buffer": {...}}, as `trainSAE` writes
 it; the fields with a jaxsae equivalent are filled from the run's config, the others are null.
@@ -40,6 +44,7 @@ from jaxsae.interop.fold import log_threshold, threshold_of, to_raw
 from jaxsae.sae.config import SAEConfig
 from jaxsae.sae.kinds import REGISTRY
 from jaxsae.sae.load import LoadedSAE
+from jaxsae.sae.matryoshka import group_sizes
 
 DICTIONARY_LEARNING_VERSION = "0.1.0"
 AE_FILE, CFG_FILE = "ae.pt", "config.json"
@@ -133,6 +138,44 @@ def _read_jumprelu(w, k, trainer):
             "b_dec": w["b_dec"], "log_threshold": log_threshold(w["threshold"])}, {}
 
 
+# --- MatryoshkaBatchTopKSAE (matryoshka_batchtopk) ---
+
+def _dl_group_weights(cfg: SAEConfig) -> list[float]:
+    g = len(cfg.group_fractions)
+    return list(cfg.group_weights) if cfg.group_weights is not None else [1.0 / g] * g
+
+
+def _write_matryoshka(cfg, p):
+    return {"W_enc": p["W_enc"], "b_enc": p["b_enc"], "W_dec": p["W_dec"], "b_dec": p["b_dec"], "k": _k(cfg),
+            "threshold": np.asarray(p["threshold"], np.float32).reshape(()),
+            "group_sizes": np.asarray(group_sizes(cfg), np.int64)}
+
+
+def _read_matryoshka(w, k, trainer):
+    sizes = [int(s) for s in np.asarray(w["group_sizes"]).reshape(-1)]
+    d_sae = sum(sizes)
+    # the trainer's own fractions when they give these sizes, else the sizes' shares (which floor back exactly)
+    fractions = trainer.get("group_fractions")
+    cfg = SAEConfig(kind="matryoshka_batchtopk", d_sae=d_sae, group_fractions=tuple(fractions or ()))
+    if not fractions or len(fractions) != len(sizes) or list(group_sizes(cfg)) != sizes:
+        fractions = [s / d_sae for s in sizes]
+    weights = trainer.get("group_weights")
+    if not weights or len(weights) != len(sizes) or len(set(weights)) == 1:
+        weights = None  # equal weights (its default 1 / G each) are jaxsae's default
+    fields = {**_k_of(k, trainer), "group_fractions": tuple(float(f) for f in fractions),
+              "group_weights": tuple(float(x) for x in weights) if weights else None}
+    params = {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+              "threshold": np.asarray(w["threshold"], np.float32).reshape(())}
+    return params, fields
+
+
+def _matryoshka_fields(cfg: SAEConfig) -> dict:
+    weights = _dl_group_weights(cfg)
+    # its loss is (w_G / G) times jaxsae's reconstruction terms plus auxk_alpha * AuxK (`jaxsae.sae.matryoshka`)
+    return {**_threshold_fields(cfg), "group_fractions": list(cfg.group_fractions), "group_weights": weights,
+            "group_sizes": list(group_sizes(cfg)), "auxk_alpha": cfg.auxk_coeff * weights[-1] / len(weights)}
+
+
 _TOPK_KEYS = ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias")
 CLASSES: dict[str, DLClass] = {
     "AutoEncoder": DLClass(
@@ -160,6 +203,13 @@ CLASSES: dict[str, DLClass] = {
          "lm_name", "wandb_name", "submodule_name", "bandwidth", "sparsity_penalty", "sparsity_warmup_steps",
          "target_l0"),
         ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), _write_jumprelu, _read_jumprelu),
+    "MatryoshkaBatchTopKSAE": DLClass(
+        "MatryoshkaBatchTopKTrainer",
+        ("trainer_class", "dict_class", "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta",
+         "threshold_start_step", "top_k_aux", "seed", "activation_dim", "dict_size", "group_fractions",
+         "group_weights", "group_sizes", "k", "device", "layer", "lm_name", "wandb_name", "submodule_name"),
+        ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"), _write_matryoshka, _read_matryoshka,
+        _matryoshka_fields),
 }
 # jaxsae kind <-> class, from the kinds' registry entries
 DICT_CLASS = {k.name: k.dictionary_learning for k in REGISTRY.values() if k.dictionary_learning in CLASSES}

@@ -12,9 +12,10 @@ Matched against SAELens 6.54.12 (`SAEConfig.to_dict()` and `SAE.save_model`, rea
 SAELens computes pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc, then standard: relu(pre),
 topk: relu of the k largest pre (SAELens 6 selects before the ReLU, as jaxsae does), jumprelu:
 relu(pre) * (pre > threshold); x_hat = f @ W_dec + b_dec. Each kind's registry entry names its architecture:
-topk -> topk, relu -> standard, jumprelu -> jumprelu, and batchtopk -> jumprelu with every threshold equal
-to jaxsae's scalar inference threshold (how SAELens itself saves its BatchTopK SAEs for inference; it imports
-back as a jumprelu SAE computing the same function, the original kind staying in metadata.jaxsae_kind). The activation scale is folded
+topk -> topk, relu -> standard, jumprelu -> jumprelu, and batchtopk and matryoshka_batchtopk -> jumprelu with
+every threshold equal to jaxsae's scalar inference threshold (how SAELens itself saves its BatchTopK and
+Matryoshka BatchTopK SAEs for inference; they import back as jumprelu SAEs computing the same function, the
+original kind staying in metadata.jaxsae_kind). The activation scale is folded
 into the weights (`fold.to_raw`), so `normalize_activations` is 'none' and latents equal jaxsae's.
 The hook after block L is TransformerLens' `blocks.L.hook_resid_post`.
 

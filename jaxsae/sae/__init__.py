@@ -1,4 +1,4 @@
-"""Sparse autoencoders (TopK, BatchTopK, ReLU+L1, JumpReLU) as Flax Linen modules.
+"""Sparse autoencoders (TopK, BatchTopK, ReLU+L1, JumpReLU, Matryoshka BatchTopK) as Flax Linen modules.
 
 Typical use:
 
@@ -36,6 +36,7 @@ from jaxsae.sae.decoder_norm import (
 from jaxsae.sae.init import geometric_median, init_sae, sae_param_axes
 from jaxsae.sae.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
 from jaxsae.sae.kinds import KINDS, SAEKind, kind_of, post_update
+from jaxsae.sae.matryoshka import MatryoshkaBatchTopKSAE
 from jaxsae.sae.relu import ReLUSAE, l1_coeff_at
 from jaxsae.sae.topk import TopKSAE
 
@@ -58,6 +59,7 @@ __all__ = [
     "BatchTopKSAE",
     "ReLUSAE",
     "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
     "make_sae",
     "init_sae",
     "sae_param_axes",

@@ -45,6 +45,7 @@ class SAEOutput(NamedTuple):
           l1          relu: l1_coeff * mean_tokens sum_i f_i ||W_dec,i||
           l0_loss     jumprelu: l0_coeff * mean_tokens L0, STE gradients
           auxk        topk, batchtopk kinds: auxk_coeff * AuxK (0 without dead latents)
+          matryoshka  matryoshka_batchtopk: the inner prefixes' reconstruction losses
     """
 
     f: jax.Array

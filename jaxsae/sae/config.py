@@ -22,7 +22,7 @@ DTYPES: tuple[str, ...] = typing.get_args(DType)
 DECODES: tuple[str, ...] = typing.get_args(Decode)
 # The fields that describe an SAE's architecture (what a saved SAE brings with it when a run starts
 # from it); every other field is a training setting the run decides.
-ARCHITECTURE_FIELDS = ("kind", "d_model", "d_sae", "k")
+ARCHITECTURE_FIELDS = ("kind", "d_model", "d_sae", "k", "group_fractions", "group_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,7 @@ class SAEConfig:
     """Architecture and loss settings of one sparse autoencoder.
 
     Attributes:
-      kind: a name in `jaxsae.sae.KINDS`: topk | batchtopk | relu | jumprelu.
+      kind: a name in `jaxsae.sae.KINDS`: topk | batchtopk | relu | jumprelu | matryoshka_batchtopk.
       d_model: width of the activations being reconstructed; 0 = not known yet (the run fills in
         the model's width; `validate(require_d_model=False)` accepts it until then).
       d_sae: number of latents (dictionary size).
@@ -48,6 +48,11 @@ class SAEConfig:
         (dictionary_learning's `threshold_beta`).
       threshold_start_step: batchtopk kinds; the threshold is first calibrated
         on the update after this optimizer step (dictionary_learning's rule).
+      group_fractions: matryoshka_batchtopk only; the share of d_sae in each
+        nested group, in order, summing to 1 (dictionary_learning's name and
+        rounding: floor(f * d_sae) latents per group, the last takes the rest).
+      group_weights: matryoshka_batchtopk only; weight of each prefix's
+        reconstruction loss (None = equal weights).
       dtype: compute dtype of the encoder/decoder matmuls (params stay f32).
       decode: dense (f @ W_dec: one matmul, any sharding; the default, best on TPU) or sparse
         (fixed-k kinds only: gather the k decoder rows of each token, sum_j a_j W_dec[idx_j]; k/d_sae
@@ -69,9 +74,18 @@ class SAEConfig:
     dead_tokens_threshold: int = 10_000_000
     threshold_decay: float = 0.999
     threshold_start_step: int = 1000
+    group_fractions: tuple[float, ...] = ()
+    group_weights: tuple[float, ...] | None = None
     # `DType` / `Decode` (the Literals above) once the run-config loader accepts Literal fields.
     dtype: str = "float32"
     decode: str = "dense"
+
+    def __post_init__(self):
+        # configs read back from JSON or YAML carry lists; a jit static argument must be hashable
+        for name in ("group_fractions", "group_weights"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
 
     @property
     def effective_k_aux(self) -> int:

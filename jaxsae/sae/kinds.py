@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxsae.sae import batchtopk
+from jaxsae.sae import batchtopk, matryoshka
 from jaxsae.sae.base import SAEBase, SAEOutput
 from jaxsae.sae.config import SAEConfig
 from jaxsae.sae.jumprelu import JumpReLUSAE
@@ -83,6 +83,10 @@ REGISTRY: dict[str, SAEKind] = {k.name: k for k in (
     SAEKind("relu", ReLUSAE, l1_controlled=True, saelens="standard", dictionary_learning="AutoEncoder"),
     SAEKind("jumprelu", JumpReLUSAE, inference_threshold=jumprelu_threshold,
             saelens="jumprelu", dictionary_learning="JumpReluAutoEncoder"),
+    SAEKind("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKSAE, unit_norm_decoder=True, uses_k=True,
+            post_update=batchtopk.post_update, validate=matryoshka.validate,
+            inference_threshold=batchtopk.inference_threshold,
+            saelens="jumprelu", dictionary_learning="MatryoshkaBatchTopKSAE"),
 )}
 KINDS: tuple[str, ...] = tuple(REGISTRY)
 
