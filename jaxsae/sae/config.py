@@ -74,7 +74,8 @@ class SAEConfig:
     dead_tokens_threshold: int = 10_000_000
     threshold_decay: float = 0.999
     threshold_start_step: int = 1000
-    group_fractions: tuple[float, ...] = ()
+    # None rather than (): a checkpoint's metadata stores this config as JSON, where () would come back as []
+    group_fractions: tuple[float, ...] | None = None
     group_weights: tuple[float, ...] | None = None
     # `DType` / `Decode` (the Literals above) once the run-config loader accepts Literal fields.
     dtype: str = "float32"

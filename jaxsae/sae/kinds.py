@@ -8,7 +8,8 @@ Code outside a kind's module asks its `SAEKind` instead of testing names:
 
 Adding a kind: its module (an `SAEBase` subclass and any hooks), one `SAEKind` entry below, and its
 dictionary_learning layout in `jaxsae.interop.dictionary_learning` if it has one (SAELens export needs
-only the `saelens` architecture name here).
+only the `saelens` architecture name here); a kind with hyper-parameters of its own also adds them to
+`SAEConfig`, which is the run config's flat `sae:` section.
 """
 
 from __future__ import annotations
