@@ -22,25 +22,30 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from jaxsae import interop  # noqa: E402
 from jaxsae.config import ConfigError, load_config  # noqa: E402
-from jaxsae.sae import SAEConfig, init_sae  # noqa: E402
+from jaxsae.sae import KINDS, SAEConfig, init_sae, kind_of  # noqa: E402
 from jaxsae.sae.load import LoadedSAE, load_sae  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-KINDS = ("topk", "relu", "jumprelu", "batchtopk")
 SCALE = 7.3
 D, S, K = 32, 64, 8
+GROUPS = (0.25, 0.25, 0.5)  # Matryoshka groups of 16, 16 and 32 latents
+# the SAELens architecture each kind is written as, and the kind it imports back as
+SAELENS = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+           "matryoshka_batchtopk": "jumprelu"}
+SAELENS_BACK = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 
 
 def make_sae(kind: str, d_model: int = D, d_sae: int = S, scale: float = SCALE, seed: int = 0) -> LoadedSAE:
     """An SAE with non-trivial biases and thresholds (a fresh init has zeros there)."""
-    cfg = SAEConfig(kind=kind, d_model=d_model, d_sae=d_sae, k=K).validate()
+    extra = {"group_fractions": GROUPS} if kind == "matryoshka_batchtopk" else {}
+    cfg = SAEConfig(kind=kind, d_model=d_model, d_sae=d_sae, k=K, **extra).validate()
     k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
     p = dict(init_sae(cfg, k1))
     p["b_enc"] = 0.1 * jax.random.normal(k2, (d_sae,))
     p["b_dec"] = 0.5 * jax.random.normal(k3, (d_model,))
     if kind == "jumprelu":
         p["log_threshold"] = jnp.log(jax.random.uniform(k4, (d_sae,), minval=0.01, maxval=0.2))
-    if kind == "batchtopk":
+    if "threshold" in p:  # the batchtopk kinds
         p["threshold"] = jnp.asarray(0.08, jnp.float32)
     return LoadedSAE(cfg, p, scale, {"hook_layer": 1, "model": "some/model"})
 
@@ -77,6 +82,10 @@ def dl_forward(path: Path, x: np.ndarray):
         p = x @ w["W_enc"] + w["b_enc"]
         f = (p * (p > w["threshold"])).relu()
         return f.numpy(), (f @ w["W_dec"] + w["b_dec"]).numpy()
+    if cls == "MatryoshkaBatchTopKSAE":  # at inference (use_threshold=True), every group active
+        r = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+        f = r * (r > w["threshold"])
+        return f.numpy(), (f @ w["W_dec"] + w["b_dec"]).numpy()
     r = torch.nn.functional.linear(x - w["b_dec"], w["encoder.weight"], w["encoder.bias"]).relu()
     if cls == "AutoEncoderTopK":
         top = r.topk(int(w["k"]), sorted=False, dim=-1)
@@ -110,7 +119,7 @@ def exported(tmp_path_factory):
 def test_saelens_files(exported):
     for kind, (sae, sl, _) in exported.items():
         cfg = json.loads((sl / "cfg.json").read_text())
-        arch = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[kind]
+        arch = SAELENS[kind]
         assert cfg["architecture"] == arch and (cfg["d_in"], cfg["d_sae"]) == (D, S)
         assert cfg["normalize_activations"] == "none" and cfg["apply_b_dec_to_input"] is True
         assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
@@ -130,17 +139,27 @@ def test_dictionary_learning_files(exported):
         "topk": {"b_dec": (D,), "k": (), "threshold": (), "decoder.weight": (D, S), "encoder.weight": (S, D),
                  "encoder.bias": (S,)},
         "jumprelu": {"W_enc": (D, S), "b_enc": (S,), "W_dec": (S, D), "b_dec": (D,), "threshold": (S,)},
+        "matryoshka_batchtopk": {"W_enc": (D, S), "b_enc": (S,), "W_dec": (S, D), "b_dec": (D,), "k": (),
+                                 "threshold": (), "group_sizes": (3,)},
     }
     want["batchtopk"] = want["topk"]
+    dtypes = {"k": torch.int32, "group_sizes": torch.int64}
     for kind, (sae, _, dl) in exported.items():
         sd = torch.load(dl / "ae.pt", weights_only=True)
         assert list(sd) == list(want[kind]), kind  # the order their state_dict() has
         assert {k: tuple(v.shape) for k, v in sd.items()} == want[kind]
-        assert all(v.dtype == (torch.int32 if k == "k" else torch.float32) for k, v in sd.items())
+        assert all(v.dtype == dtypes.get(k, torch.float32) for k, v in sd.items())
         tr = json.loads((dl / "config.json").read_text())["trainer"]
-        assert tr["dict_class"] == interop.dictionary_learning.DICT_CLASS[kind]
+        cls = interop.dictionary_learning.DICT_CLASS[kind]
+        assert tr["dict_class"] == cls
         assert (tr["activation_dim"], tr["dict_size"], tr["layer"], tr["lm_name"]) == (D, S, 1, "some/model")
-        assert list(tr) == interop.dictionary_learning.TRAINER_KEYS[kind]
+        assert list(tr) == list(interop.dictionary_learning.CLASSES[cls].trainer_keys)
+        if kind == "matryoshka_batchtopk":
+            assert sd["group_sizes"].tolist() == tr["group_sizes"] == [16, 16, 32]
+            assert (tr["group_fractions"], tr["group_weights"], tr["k"]) == (list(GROUPS), [1 / 3] * 3, K)
+        if kind in ("batchtopk", "matryoshka_batchtopk"):
+            assert (tr["threshold_beta"], tr["threshold_start_step"]) == (0.999, 1000)
+            assert float(sd["threshold"]) == pytest.approx(0.08)
 
 
 # --- parity -------------------------------------------------------------------------------------------------
@@ -162,6 +181,11 @@ def test_round_trip(exported, kind, tmp_path):
     for path in (sl, dl):
         back = interop.load(path)
         assert back.scale == 1.0 and back.meta["hook_layer"] == 1 and back.meta["model"] == "some/model"
+        # dictionary_learning has every kind's class; SAELens gives the jumprelu that batchtopk kinds infer as
+        assert back.cfg.kind == (kind if path == dl else SAELENS_BACK[SAELENS[kind]])
+        if path == dl:
+            arch = ("k",) * kind_of(kind).uses_k + ("group_fractions", "group_weights")
+            assert [getattr(back.cfg, a) for a in arch] == [getattr(sae.cfg, a) for a in arch]
         assert_same(f, xh, back, x)
         saved = load_sae(interop.save_jaxsae(back, tmp_path / path.name))
         assert_same(f, xh, saved, x)
@@ -171,6 +195,33 @@ def test_round_trip(exported, kind, tmp_path):
         assert_same(f, xh, moved, x, latents=False)
         if back.cfg.unit_norm_decoder:
             np.testing.assert_allclose(np.linalg.norm(moved.params["W_dec"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_dictionary_learning_thresholds_and_detection(tmp_path):
+    # an uncalibrated BatchTopK threshold stays -1 both ways, which dictionary_learning's trainer reads as such
+    sae = make_sae("batchtopk", scale=1.0)
+    sae.params["threshold"] = jnp.asarray(-1.0, jnp.float32)
+    dl = interop.export(sae, tmp_path / "uncalibrated", "dictionary_learning")
+    assert float(torch.load(dl / "ae.pt", weights_only=True)["threshold"]) == -1.0
+    assert float(interop.load(dl).params["threshold"]) == -1.0
+    # without config.json the keys tell a Matryoshka SAE (whose keys include JumpReLU's) ...
+    m = interop.export(make_sae("matryoshka_batchtopk"), tmp_path / "m", "dictionary_learning")
+    (m / "config.json").unlink()
+    back = interop.load(m)
+    assert (back.cfg.kind, back.cfg.k, back.cfg.group_fractions) == ("matryoshka_batchtopk", K, GROUPS)
+    # ... but not BatchTopK from TopK, which share their keys
+    (dl / "config.json").unlink()
+    with pytest.raises(ValueError, match="cannot tell AutoEncoderTopK from BatchTopKSAE apart without config.json"):
+        interop.load(dl)
+
+
+def test_init_from_takes_the_files_architecture(exported):
+    """A fine-tune from a saved Matryoshka SAE keeps its kind, k and groups; the run decides the rest."""
+    _, _, dl = exported["matryoshka_batchtopk"]
+    run = SAEConfig(kind="topk", d_model=D, d_sae=4096, k=32, auxk_coeff=0.5, threshold_start_step=7)
+    cfg = interop.load_init(dl, None, run, layer=1).cfg
+    assert (cfg.kind, cfg.d_sae, cfg.k, cfg.group_fractions) == ("matryoshka_batchtopk", S, K, GROUPS)
+    assert (cfg.auxk_coeff, cfg.threshold_start_step) == (0.5, 7)
 
 
 def test_saelens_variants_fold_exactly(tmp_path):
@@ -295,9 +346,13 @@ def test_real_libraries(exported, kind):
         from dictionary_learning.trainers.top_k import AutoEncoderTopK
     except ImportError:
         AutoEncoder = None
-    if AutoEncoder is not None:
+    try:
+        from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
+    except ImportError:  # not in every release
+        MatryoshkaBatchTopKSAE = None
+    if AutoEncoder is not None and (kind != "matryoshka_batchtopk" or MatryoshkaBatchTopKSAE is not None):
         cls = {"relu": AutoEncoder, "topk": AutoEncoderTopK, "batchtopk": BatchTopKSAE,
-               "jumprelu": JumpReluAutoEncoder}[kind]
+               "jumprelu": JumpReluAutoEncoder, "matryoshka_batchtopk": MatryoshkaBatchTopKSAE}[kind]
         kw = {"normalize_decoder": False} if kind == "relu" else {}
         ref = cls.from_pretrained(str(dl / "ae.pt"), **kw)
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Tests for jaxsae.sae: per-kind behaviour, decoder-norm helpers, init, and a
+"""Tests for jaxsae.sae: the kinds' registry, per-kind behaviour, decoder-norm helpers, init, and a
 planted-dictionary recovery test. Small sizes: runs on 2 CPU cores."""
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxsae.sae import (
+    KINDS,
     SAEConfig,
     dead_mask,
     geometric_median,
     heaviside_step,
     init_sae,
     jumprelu,
+    kind_of,
     l1_coeff_at,
     make_sae,
     maybe_unit_norm_decoder,
+    post_update,
     project_out_parallel_grad,
     reconstruction_loss,
     renormalize_decoder,
@@ -28,8 +31,10 @@ from jaxsae.sae import (
     update_dead_counter,
     update_threshold,
 )
+from jaxsae.sae.matryoshka import group_sizes
 
 D, S = 32, 256
+GROUPS = (0.125, 0.25, 0.625)  # Matryoshka groups of 32, 64 and 160 latents at S = 256
 
 
 def _x(shape, seed=0):
@@ -37,6 +42,8 @@ def _x(shape, seed=0):
 
 
 def _setup(kind, **kw):
+    if kind == "matryoshka_batchtopk":
+        kw = {"group_fractions": GROUPS, **kw}
     cfg = SAEConfig(kind=kind, d_model=D, d_sae=S, **kw).validate()
     return cfg, make_sae(cfg), init_sae(cfg, jax.random.key(1))
 
@@ -58,6 +65,15 @@ def _setup(kind, **kw):
         (dict(kind="relu", d_model=32, d_sae=64, dtype="int8"), "sae.dtype"),
         (dict(kind="relu", d_model=32, d_sae=64, decode="sparse"), "sae.decode=sparse needs a fixed k"),
         (dict(kind="topk", d_model=32, d_sae=64, decode="gather"), "sae.decode='gather'"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, decode="sparse"), "sae.decode=sparse needs a fixed k"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, k=65), "sae.k=65 exceeds"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_decay=1.0), "sae.threshold_decay"),
+        (dict(kind="batchtopk", d_model=32, d_sae=64, threshold_start_step=-1), "sae.threshold_start_step"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64), "needs sae.group_fractions"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.5, 0.4)), "sum to 1"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.001, 0.999)), "empty group"),
+        (dict(kind="matryoshka_batchtopk", d_model=32, d_sae=64, group_fractions=(0.5, 0.5), group_weights=(1.0,)),
+         "sae.group_weights"),
     ],
 )
 def test_config_validation_errors(kw, needle):
@@ -75,12 +91,58 @@ def test_config_defaults():
     assert SAEConfig(kind="topk", d_model=64, d_sae=8, k=4).effective_k_aux == 8
     assert not SAEConfig(kind="relu", d_model=64, d_sae=512).unit_norm_decoder
     hash(cfg)  # usable as a jit static arg
+    # the run config's `sae:` section: every field has a default; d_model comes from the model later
+    run = SAEConfig()
+    assert (run.kind, run.d_model, run.d_sae, run.k) == ("topk", 0, 4096, 32)
+    assert (run.threshold_decay, run.threshold_start_step) == (0.999, 1000)
+    assert run.validate(require_d_model=False) is run
+    with pytest.raises(ValueError, match="sae.d_model=0"):
+        run.validate()
+    # lists (from JSON or YAML) become tuples, so the config stays hashable
+    m = SAEConfig(kind="matryoshka_batchtopk", d_model=8, d_sae=64, group_fractions=[0.25, 0.75]).validate()
+    assert m.group_fractions == (0.25, 0.75)
+    hash(m)
+
+
+def test_registry():
+    assert KINDS == ("topk", "batchtopk", "relu", "jumprelu", "matryoshka_batchtopk")
+    flags = {k: (kind_of(k).unit_norm_decoder, kind_of(k).l1_controlled, kind_of(k).fixed_k, kind_of(k).uses_k)
+             for k in KINDS}
+    assert flags == {"topk": (True, False, True, True), "batchtopk": (True, False, False, True),
+                     "relu": (False, True, False, False), "jumprelu": (False, False, False, False),
+                     "matryoshka_batchtopk": (True, False, False, True)}
+    cfg = SAEConfig(kind="relu", d_model=D, d_sae=S)
+    assert kind_of(cfg) is kind_of("relu") and kind_of(cfg).module is type(make_sae(cfg))
+    with pytest.raises(ValueError, match="sae.kind='gated' is unknown: choose one of topk, batchtopk"):
+        kind_of("gated")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_trains_through_one_interface(kind):
+    """Forward, loss, gradient and post_update look the same for every registered kind."""
+    cfg, model, params = _setup(kind, k=8, l1_coeff=0.1, l0_coeff=0.1)
+    x = _x((2, 6, D))
+    dead = jnp.arange(S) < 16
+
+    def loss(p):
+        x_hat, out = model.apply({"params": p}, x, dead=dead)
+        return reconstruction_loss(x, x_hat) + out.aux_loss, (x_hat, out)
+
+    (value, (x_hat, out)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert x_hat.shape == x.shape and out.f.shape == (2, 6, S) and out.pre.shape == (2, 6, S)
+    assert out.fired.shape == (S,) and set(g) == set(params) and np.isfinite(float(value))
+    np.testing.assert_allclose(out.aux_loss, sum(float(v) for v in out.penalties.values()), rtol=1e-6)
+    new = jax.jit(post_update, static_argnums=0)(cfg, params, out, jnp.int32(5000))
+    assert set(new) == set(params)
+    for name in params:  # only the batchtopk kinds' threshold moves
+        same = np.array_equal(np.asarray(new[name]), np.asarray(params[name]))
+        assert same != (name == "threshold"), name
 
 
 # ---------------------------------------------------------------- init / axes
 
 
-@pytest.mark.parametrize("kind", ["topk", "batchtopk", "relu", "jumprelu"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_init_and_axes(kind):
     cfg, _, _ = _setup(kind)
     sample = _x((200, D)) + 3.0
@@ -97,8 +159,9 @@ def test_init_and_axes(kind):
     if kind == "jumprelu":
         assert axes["log_threshold"] == P("d_sae")
         np.testing.assert_allclose(jnp.exp(params["log_threshold"]), cfg.jumprelu_init_threshold, rtol=1e-5)
-    if kind == "batchtopk":
+    if kind in ("batchtopk", "matryoshka_batchtopk"):
         assert axes["threshold"] == P() and params["threshold"].shape == ()
+        assert float(params["threshold"]) == -1.0  # uncalibrated, as dictionary_learning starts
     assert float(jnp.abs(init_sae(cfg, jax.random.key(0))["b_dec"]).max()) == 0.0
 
 
@@ -156,7 +219,7 @@ def test_sparse_decoder_equals_dense_with_its_gradients(dtype):
     np.testing.assert_allclose(xh1, xh0, **tol)
     np.testing.assert_allclose(v1, v0, **tol)
     np.testing.assert_array_equal(o1.f, o0.f)
-    assert float(o1.auxk) > 0 and float(o1.l0) == 8.0
+    assert float(o1.penalties["auxk"]) > 0 and float(o1.l0) == 8.0
     for k in g0:
         np.testing.assert_allclose(g1[k], g0[k], err_msg=k, **tol)
 
@@ -175,7 +238,7 @@ def test_auxk_only_with_dead_latents():
 
     @jax.jit
     def auxk(p, d):
-        return model.apply({"params": p}, x, dead=d)[1].auxk
+        return model.apply({"params": p}, x, dead=d)[1].penalties["auxk"]
 
     assert float(auxk(params, None)) == 0.0
     assert float(auxk(params, jnp.zeros(S, bool))) == 0.0
@@ -201,29 +264,120 @@ def test_dead_counter():
 # ---------------------------------------------------------------- batchtopk
 
 
-def test_batchtopk_train_budget_and_threshold():
+def test_batchtopk_trains_with_a_batch_wide_budget():
     cfg, model, params = _setup("batchtopk", k=8)
     B = 16
     x = _x((B, D))
-    _, out = model.apply({"params": params}, x, train=True)
-    assert int(jnp.sum(out.f > 0)) == 8 * B
-    per_token = jnp.sum(out.f > 0, axis=-1)
-    assert float(per_token.mean()) == 8.0
+    _, out = jax.jit(lambda p: model.apply({"params": p}, x, train=True))(params)
+    assert int(jnp.sum(out.f > 0)) == 8 * B  # k * B entries over the whole batch ...
+    per_token = np.asarray(jnp.sum(out.f > 0, axis=-1))
+    assert float(out.l0) == 8.0 and len(set(per_token.tolist())) > 1  # ... not k per token
+    # they are the batch's k * B largest ReLU'd pre-activations
+    kept = np.sort(np.asarray(out.f).reshape(-1))[::-1][: 8 * B]
+    np.testing.assert_allclose(kept, np.sort(np.asarray(jax.nn.relu(out.pre)).reshape(-1))[::-1][: 8 * B])
+    # TopK with the same params keeps k per token: a different code
+    tk_cfg = SAEConfig(kind="topk", d_model=D, d_sae=S, k=8)
+    _, tk = make_sae(tk_cfg).apply({"params": {k: v for k, v in params.items() if k != "threshold"}}, x)
+    np.testing.assert_array_equal(jnp.sum(tk.f > 0, axis=-1), 8)
+    assert not np.array_equal(np.asarray(tk.f), np.asarray(out.f))
 
+
+def test_batchtopk_threshold_rule():
+    """dictionary_learning's rule: -1 until the update after step threshold_start_step, which takes the
+    batch's smallest kept activation; an EMA with threshold_decay after that."""
+    cfg, model, params = _setup("batchtopk", k=8, threshold_start_step=3, threshold_decay=0.9)
+    x = _x((16, D))
+    _, out = model.apply({"params": params}, x)
     min_pos = float(jnp.min(jnp.where(out.f > 0, out.f, jnp.inf)))
-    thr = update_threshold(params["threshold"], out.f)  # uncalibrated: take min
-    np.testing.assert_allclose(thr, min_pos, rtol=1e-6)
-    thr2 = update_threshold(thr, 2.0 * out.f, decay=0.9)
-    np.testing.assert_allclose(thr2, 0.9 * min_pos + 0.1 * 2 * min_pos, rtol=1e-5)
-    assert float(update_threshold(thr, jnp.zeros_like(out.f))) == float(thr)
+    update = jax.jit(lambda p, o, s: post_update(cfg, p, o, s))
+    for step in range(4):  # steps 0..3: not yet
+        assert float(update(params, out, jnp.int32(step))["threshold"]) == -1.0
+    p4 = update(params, out, jnp.int32(4))
+    np.testing.assert_allclose(p4["threshold"], min_pos, rtol=1e-6)
+    _, out2 = model.apply({"params": params}, 2.0 * x)  # a batch with other activations
+    min2 = float(jnp.min(jnp.where(out2.f > 0, out2.f, jnp.inf)))
+    p5 = update(p4, out2, jnp.int32(5))
+    np.testing.assert_allclose(p5["threshold"], 0.9 * min_pos + 0.1 * min2, rtol=1e-5)
+    # a calibrated threshold keeps moving from step 0 (a fine-tune restarts its step count)
+    np.testing.assert_allclose(update(p4, out2, jnp.int32(0))["threshold"], p5["threshold"], rtol=1e-6)
+    # a batch with nothing active pulls towards 0, as dictionary_learning's does
+    np.testing.assert_allclose(update_threshold(p4["threshold"], jnp.zeros_like(out.f), 0.9), 0.9 * min_pos,
+                               rtol=1e-6)
 
-    params = dict(params, threshold=thr)
+
+def test_batchtopk_inference_uses_the_threshold():
+    cfg, model, params = _setup("batchtopk", k=8)
+    x = _x((16, D))
+    _, out = model.apply({"params": params}, x)
+    # uncalibrated (-1): plain ReLU
+    np.testing.assert_allclose(model.apply({"params": params}, x, method=model.encode), jax.nn.relu(out.pre))
+    thr = 0.3
+    params = dict(params, threshold=jnp.asarray(thr, jnp.float32))
     f_inf = model.apply({"params": params}, x, method=model.encode)  # train=False
     np.testing.assert_array_equal(f_inf > 0, out.pre > thr)
     np.testing.assert_allclose(f_inf, jnp.where(out.pre > thr, out.pre, 0.0))
+    _, out_eval = model.apply({"params": params}, x, train=False)
+    np.testing.assert_allclose(out_eval.f, f_inf)
     # The threshold is not trained by gradients.
     g = jax.grad(lambda p: model.apply({"params": p}, x, train=False)[0].sum())(params)
     assert float(g["threshold"]) == 0.0
+
+
+# ---------------------------------------------------------------- matryoshka batchtopk
+
+
+def test_matryoshka_group_sizes():
+    def sizes(d_sae, fr):
+        return group_sizes(SAEConfig(kind="matryoshka_batchtopk", d_model=4, d_sae=d_sae, group_fractions=fr))
+
+    assert sizes(S, GROUPS) == (32, 64, 160)
+    assert sizes(100, (0.3, 0.3, 0.4)) == (30, 30, 40)  # floor, the last group takes the rest
+    assert sizes(10, (0.25, 0.25, 0.5)) == (2, 2, 6)
+    assert sizes(49, (1 / 49, 48 / 49)) == (1, 48)  # (1/49) * 49 is 0.999...: not floored to 0
+
+
+@pytest.mark.parametrize("weights", [None, (0.5, 1.0, 2.0)])
+def test_matryoshka_prefix_loss_matches_a_numpy_reference(weights):
+    """Trainer loss (full reconstruction + penalties) = sum_m (w_m / w_G) L_m (+ AuxK), with
+    L_m = mean_tokens ||x - b_dec - f[:, :c_m] W_dec[:c_m]||^2; and = G / w_G times dictionary_learning's
+    mean_m(w_m L_m)."""
+    cfg, model, params = _setup("matryoshka_batchtopk", k=8, group_weights=weights)
+    x = _x((24, D), seed=4) + 0.5
+    x_hat, out = model.apply({"params": params}, x)  # no dead mask: no AuxK
+    assert set(out.penalties) == {"auxk", "matryoshka"} and float(out.penalties["auxk"]) == 0.0
+    f, W, b = (np.asarray(a, np.float64) for a in (out.f, params["W_dec"], params["b_dec"]))
+    xn = np.asarray(x, np.float64)
+    ends = np.cumsum([32, 64, 160])
+    L = np.array([np.mean(np.sum((xn - b - f[:, :c] @ W[:c]) ** 2, -1)) for c in ends])
+    w = np.ones(3) / 3 if weights is None else np.asarray(weights)
+    total = float(reconstruction_loss(x, x_hat) + out.aux_loss)
+    np.testing.assert_allclose(float(reconstruction_loss(x, x_hat)), L[-1], rtol=1e-5)
+    np.testing.assert_allclose(total, np.sum(w / w[-1] * L), rtol=1e-5)
+    np.testing.assert_allclose(out.penalties["matryoshka"], np.sum(w[:-1] / w[-1] * L[:-1]), rtol=1e-5)
+    np.testing.assert_allclose(total, len(w) / w[-1] * np.mean(w * L), rtol=1e-5)
+    # the activation is BatchTopK over all latents: k * N active in the batch
+    assert int(np.sum(f > 0)) == 8 * 24
+
+
+def test_matryoshka_trains_with_the_mse_step():
+    """The trainer's own step, unchanged: loss falls, the prefix loss is logged, the threshold calibrates."""
+    from jaxsae.config import MSECfg
+    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+
+    cfg, model, params = _setup("matryoshka_batchtopk", k=8, threshold_start_step=2, dead_tokens_threshold=64)
+    tx, sched = mse_optimizer(MSECfg(lr=1e-2, warmup_steps=0, decay_fraction=0.0), cfg, 30)
+    state = init_state(params, tx, cfg, seed=0)
+    step = make_mse_step(model, cfg, tx, sched)
+    x = _x((64, D), seed=5) @ jnp.diag(jnp.linspace(0.2, 2.0, D))
+    losses, thresholds = [], []
+    for _ in range(30):
+        state, m = step(state, x)
+        losses.append(float(m["train/loss"]))
+        thresholds.append(float(state["params"]["threshold"]))
+    assert {"train/matryoshka", "train/auxk"} <= set(m)
+    np.testing.assert_allclose(m["train/loss"], m["train/mse"] + m["train/matryoshka"] + m["train/auxk"], rtol=1e-5)
+    assert losses[-1] < 0.7 * losses[0]
+    assert thresholds[:3] == [-1.0] * 3 and thresholds[3] > 0 and thresholds[-1] != thresholds[3]
 
 
 # ---------------------------------------------------------------- decoder norm
@@ -282,9 +436,9 @@ def test_relu_l1_and_warmup():
     np.testing.assert_allclose(out.f, jax.nn.relu(out.pre))
     norms = jnp.linalg.norm(params["W_dec"], axis=1)
     expected = 2.0 * jnp.mean(jnp.sum(out.f * norms, axis=-1))
-    np.testing.assert_allclose(out.l1, expected, rtol=1e-5)
+    np.testing.assert_allclose(out.penalties["l1"], expected, rtol=1e-5)
     _, out_half = model.apply({"params": params}, x, l1_coeff=l1_coeff_at(50, cfg))
-    np.testing.assert_allclose(out_half.l1, expected / 2, rtol=1e-5)
+    np.testing.assert_allclose(out_half.penalties["l1"], expected / 2, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- jumprelu
@@ -311,11 +465,11 @@ def test_jumprelu_threshold_gets_gradient():
 
     def parts(p):
         x_hat, out = model.apply({"params": p}, x)
-        return reconstruction_loss(x, x_hat), out.l0_loss
+        return reconstruction_loss(x, x_hat), out.penalties["l0_loss"]
 
     _, out = model.apply({"params": params}, x)
     np.testing.assert_allclose(out.f, jnp.where(out.pre > 0.5, out.pre, 0.0), rtol=1e-5)
-    assert float(out.l0_loss) == pytest.approx(float(out.l0), rel=1e-5)
+    assert float(out.penalties["l0_loss"]) == pytest.approx(float(out.l0), rel=1e-5)
     g_mse = jax.grad(lambda p: parts(p)[0])(params)["log_threshold"]
     g_l0 = jax.grad(lambda p: parts(p)[1])(params)["log_threshold"]
     assert float(jnp.abs(g_mse).max()) > 0.0

@@ -150,7 +150,7 @@ def test_topk_and_auxk_are_global_with_d_sae_sharded(mesh_shape):
     def fwd(params, x):
         def loss(p):
             x_hat, out = module.apply({"params": p}, x, dead=dead, train=True)
-            return out.auxk, out
+            return out.penalties["auxk"], out
         (auxk, out), g = jax.value_and_grad(loss, has_aux=True)(params)
         return out.f, auxk, g
 

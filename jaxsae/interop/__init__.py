@@ -19,7 +19,7 @@ from pathlib import Path
 from jaxsae.interop.dictionary_learning import export_dictionary_learning, import_dictionary_learning
 from jaxsae.interop.fold import to_raw, to_scale
 from jaxsae.interop.saelens import export_saelens, import_saelens
-from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.config import ARCHITECTURE_FIELDS, SAEConfig
 from jaxsae.sae.load import LoadedSAE
 
 FORMATS = ("jaxsae", "saelens", "dictionary_learning")
@@ -80,9 +80,10 @@ def save_jaxsae(sae: LoadedSAE, out_dir: str | Path) -> Path:
 def load_init(path: str | Path, fmt: str | None, run_sae: SAEConfig, layer: int) -> LoadedSAE:
     """The SAE a fine-tune starts from (`finetune.init_from`), checked against the run.
 
-    The architecture (kind, d_sae, k) comes from the file; the training settings (l1_coeff, l0_coeff,
-    auxk_coeff, bandwidth, dtype, ...) from the run's `sae:` section. A d_model other than the model's
-    or a hook layer other than the run's `hook.layer` is a ValueError naming both.
+    The architecture (`ARCHITECTURE_FIELDS`: kind, d_sae, k, Matryoshka groups) comes from the file; the
+    training settings (l1_coeff, l0_coeff, auxk_coeff, bandwidth, dtype, ...) from the run's `sae:` section.
+    A d_model other than the model's or a hook layer other than the run's `hook.layer` is a ValueError
+    naming both.
     """
     sae = load(path, fmt or None)
     file_layer = sae.meta.get("hook_layer")
@@ -92,7 +93,8 @@ def load_init(path: str | Path, fmt: str | None, run_sae: SAEConfig, layer: int)
     if sae.cfg.d_model != run_sae.d_model:
         raise ValueError(f"finetune.init_from={path} is an SAE of d_in={sae.cfg.d_model} but the model's "
                          f"residual stream has d_model={run_sae.d_model}: use an SAE trained on this model")
-    cfg = dataclasses.replace(run_sae, kind=sae.cfg.kind, d_sae=sae.cfg.d_sae, k=sae.cfg.k).validate()
+    arch = {k: getattr(sae.cfg, k) for k in ARCHITECTURE_FIELDS}
+    cfg = dataclasses.replace(run_sae, **arch).validate()
     return dataclasses.replace(sae, cfg=cfg)
 
 

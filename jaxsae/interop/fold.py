@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.kinds import kind_of
 from jaxsae.sae.load import LoadedSAE
 
 # Smallest JumpReLU threshold jaxsae stores (it keeps log(theta)); a file's theta <= 0 gates like ReLU,
@@ -38,7 +39,7 @@ def to_raw(cfg: SAEConfig, params: dict, scale: float) -> dict:
 
 
 def unit_rows(cfg: SAEConfig, params: dict, tol: float = 1e-3) -> dict:
-    """For kinds trained with unit-norm decoder rows (topk, batchtopk): fold the rows' common norm c into
+    """For kinds trained with unit-norm decoder rows (topk, the batchtopk kinds): fold the rows' common norm c into
     the encoder (W_dec / c, W_enc, b_enc, threshold * c). This is exact only because c is one number for
     every latent (a per-latent factor would reorder the top-k), so rows whose norms differ by more than
     `tol` are refused: the fine-tune's renormalisation would change which latents fire."""
@@ -60,11 +61,11 @@ def unit_rows(cfg: SAEConfig, params: dict, tol: float = 1e-3) -> dict:
 
 def to_scale(sae: LoadedSAE, scale: float) -> dict:
     """Params of `sae` re-expressed for inputs x/scale (see module docstring); decoder rows made unit
-    norm for topk/batchtopk. `LoadedSAE(sae.cfg, to_scale(sae, b), b, ...)` computes what `sae` does."""
+    norm for unit-norm-decoder kinds. `LoadedSAE(sae.cfg, to_scale(sae, b), b, ...)` computes what `sae` does."""
     p = unit_rows(sae.cfg, sae.params)
     r = float(sae.scale) / float(scale)
     out = {**p, "b_enc": p["b_enc"] * r, "b_dec": p["b_dec"] * r}
-    if "threshold" in out:  # batchtopk
+    if "threshold" in out:  # the batchtopk kinds; an uncalibrated (< 0) one stays < 0
         out["threshold"] = out["threshold"] * r
     if "log_threshold" in out:  # jumprelu
         out["log_threshold"] = out["log_threshold"] + np.log(r)
@@ -72,13 +73,9 @@ def to_scale(sae: LoadedSAE, scale: float) -> dict:
 
 
 def threshold_of(cfg: SAEConfig, params: dict) -> np.ndarray | None:
-    """f32[d_sae] inference threshold theta with f = pre * (pre > theta) (jumprelu, batchtopk), else None."""
-    if cfg.kind == "jumprelu":
-        return np.exp(np.asarray(params["log_threshold"], np.float32))
-    if cfg.kind == "batchtopk":  # the module clamps an uncalibrated (<= 0) threshold at 0
-        t = max(float(params["threshold"]), 0.0)
-        return np.full((cfg.d_sae,), t, np.float32)
-    return None
+    """f32[d_sae] inference threshold theta with f = pre * (pre > theta) (jumprelu and the batchtopk kinds,
+    whose uncalibrated threshold gates at 0), else None."""
+    return kind_of(cfg).inference_threshold(cfg, params)
 
 
 def log_threshold(theta) -> jnp.ndarray:

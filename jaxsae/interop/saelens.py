@@ -11,9 +11,11 @@ Matched against SAELens 6.54.12 (`SAEConfig.to_dict()` and `SAE.save_model`, rea
 
 SAELens computes pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc, then standard: relu(pre),
 topk: relu of the k largest pre (SAELens 6 selects before the ReLU, as jaxsae does), jumprelu:
-relu(pre) * (pre > threshold); x_hat = f @ W_dec + b_dec. Kinds map as topk -> topk, relu -> standard,
-jumprelu -> jumprelu, and batchtopk -> jumprelu with every threshold equal to jaxsae's scalar inference
-threshold (how SAELens itself saves its BatchTopK SAEs for inference). The activation scale is folded
+relu(pre) * (pre > threshold); x_hat = f @ W_dec + b_dec. Each kind's registry entry names its architecture:
+topk -> topk, relu -> standard, jumprelu -> jumprelu, and batchtopk and matryoshka_batchtopk -> jumprelu with
+every threshold equal to jaxsae's scalar inference threshold (how SAELens itself saves its BatchTopK and
+Matryoshka BatchTopK SAEs for inference; they import back as jumprelu SAEs computing the same function, the
+original kind staying in metadata.jaxsae_kind). The activation scale is folded
 into the weights (`fold.to_raw`), so `normalize_activations` is 'none' and latents equal jaxsae's.
 The hook after block L is TransformerLens' `blocks.L.hook_resid_post`.
 
@@ -33,11 +35,15 @@ import numpy as np
 
 from jaxsae.interop.fold import log_threshold, threshold_of, to_raw
 from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.kinds import REGISTRY
 from jaxsae.sae.load import LoadedSAE
 
 SAELENS_VERSION = "6.54.12"
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
-ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}
+# jaxsae kind -> the SAELens architecture it is written as (the kinds' registry entries)
+ARCHITECTURE = {k.name: k.saelens for k in REGISTRY.values()}
+# SAELens architecture -> the jaxsae kind that computes exactly it
+IMPORTS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 _HOOK = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 
 
@@ -93,9 +99,10 @@ def export_saelens(sae: LoadedSAE, out_dir: str | Path, *, run_config: dict | No
     out = {"d_in": cfg.d_model, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": metadata}
-    if cfg.kind == "topk":
+    arch = ARCHITECTURE[cfg.kind]
+    if arch == "topk":
         out.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
-    out["architecture"] = ARCHITECTURE[cfg.kind]
+    out["architecture"] = arch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,10 +140,10 @@ def import_saelens(path: str | Path, *, layer: int | None = None, model: str | N
         raise FileNotFoundError(f"{path} is not a SAELens SAE: it needs {CFG_FILE} and {WEIGHTS_FILE}")
     c = _read_cfg(path)
     arch = c.get("architecture")
-    kind = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}.get(arch)
+    kind = IMPORTS.get(arch)
     if kind is None:
         raise ValueError(f"{path}/{CFG_FILE}: architecture={arch!r} has no jaxsae equivalent; "
-                         "jaxsae imports standard, topk and jumprelu SAEs")
+                         f"jaxsae imports {', '.join(IMPORTS)} SAEs")
     if c.get("normalize_activations", "none") != "none":
         raise ValueError(f"{path}/{CFG_FILE}: normalize_activations={c['normalize_activations']!r} needs a "
                          "run-time norm jaxsae does not apply; fold it into the weights in SAELens first "
@@ -145,7 +152,7 @@ def import_saelens(path: str | Path, *, layer: int | None = None, model: str | N
         raise ValueError(f"{path}/{CFG_FILE}: per-head (hook_z) SAEs are not residual-stream SAEs; jaxsae "
                          "cannot splice them")
     w = {k: np.asarray(v, np.float32) for k, v in load_file(str(path / WEIGHTS_FILE)).items()}
-    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if kind == "jumprelu" else ())
+    missing = [k for k in ("W_enc", "b_enc", "W_dec", "b_dec") + (("threshold",) if arch == "jumprelu" else ())
                if k not in w]
     if missing:
         raise ValueError(f"{path}/{WEIGHTS_FILE} lacks {missing[0]}: not a SAELens {arch} SAE")
@@ -157,17 +164,17 @@ def import_saelens(path: str | Path, *, layer: int | None = None, model: str | N
                          "disagree")
     W_enc, b_enc, W_dec, b_dec = w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"]
     theta = w.get("threshold")
-    if kind == "topk" and c.get("rescale_acts_by_decoder_norm"):
+    if arch == "topk" and c.get("rescale_acts_by_decoder_norm"):
         # f = topk(pre * n), x_hat = (f / n) @ W_dec: the same SAE as encoder * n, decoder / n.
         n = np.linalg.norm(W_dec, axis=-1)
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
     if not c.get("apply_b_dec_to_input", True):
         b_enc = b_enc + b_dec @ W_enc  # jaxsae always subtracts b_dec before encoding
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-    k = c.get("k") if kind == "topk" else None
-    if kind == "topk" and not isinstance(k, int):
+    k = c.get("k") if arch == "topk" else None
+    if arch == "topk" and not isinstance(k, int):
         raise ValueError(f"{path}/{CFG_FILE}: a topk SAE needs an integer k (or activation_fn_kwargs.k)")
-    if kind == "jumprelu":
+    if arch == "jumprelu":
         params["log_threshold"] = log_threshold(theta)
     cfg = SAEConfig(kind=kind, d_model=int(d_in), d_sae=int(d_sae), **({"k": k} if k else {})).validate()
     params = {k_: jnp.asarray(v, jnp.float32) for k_, v in params.items()}

@@ -1,4 +1,4 @@
-"""Sparse autoencoders (TopK, BatchTopK, ReLU+L1, JumpReLU) as Flax Linen modules.
+"""Sparse autoencoders (TopK, BatchTopK, ReLU+L1, JumpReLU, Matryoshka BatchTopK) as Flax Linen modules.
 
 Typical use:
 
@@ -8,6 +8,10 @@ Typical use:
     tx = maybe_unit_norm_decoder(cfg, optax.adam(2e-4))
     x_hat, out = model.apply({'params': params}, x, dead=dead)
     loss = reconstruction_loss(x, x_hat) + out.aux_loss
+    ... optimizer step ...
+    params = post_update(cfg, params, out, step)
+
+Everything kind-specific is in the registry `jaxsae.sae.kinds` (`kind_of(cfg)`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from jaxsae.sae.base import (
     update_dead_counter,
 )
 from jaxsae.sae.batchtopk import BatchTopKSAE, update_threshold
-from jaxsae.sae.config import KINDS, UNIT_NORM_KINDS, SAEConfig
+from jaxsae.sae.config import SAEConfig
 from jaxsae.sae.decoder_norm import (
     maybe_unit_norm_decoder,
     project_out_parallel_grad,
@@ -31,26 +35,23 @@ from jaxsae.sae.decoder_norm import (
 )
 from jaxsae.sae.init import geometric_median, init_sae, sae_param_axes
 from jaxsae.sae.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
+from jaxsae.sae.kinds import KINDS, SAEKind, kind_of, post_update
+from jaxsae.sae.matryoshka import MatryoshkaBatchTopKSAE
 from jaxsae.sae.relu import ReLUSAE, l1_coeff_at
 from jaxsae.sae.topk import TopKSAE
-
-_MODULES = {
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "relu": ReLUSAE,
-    "jumprelu": JumpReLUSAE,
-}
 
 
 def make_sae(cfg: SAEConfig) -> nn.Module:
     """Validate cfg and return the Flax module for cfg.kind."""
     cfg.validate()
-    return _MODULES[cfg.kind](cfg)
+    return kind_of(cfg).module(cfg)
 
 
 __all__ = [
     "KINDS",
-    "UNIT_NORM_KINDS",
+    "SAEKind",
+    "kind_of",
+    "post_update",
     "SAEConfig",
     "SAEBase",
     "SAEOutput",
@@ -58,6 +59,7 @@ __all__ = [
     "BatchTopKSAE",
     "ReLUSAE",
     "JumpReLUSAE",
+    "MatryoshkaBatchTopKSAE",
     "make_sae",
     "init_sae",
     "sae_param_axes",

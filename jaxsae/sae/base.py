@@ -39,23 +39,25 @@ class SAEOutput(NamedTuple):
       l0: f32[] mean number of active latents per token (metric, no grad).
       fired: bool[d_sae] latents active on at least one token of the batch;
         feed to `update_dead_counter`.
-      l1: f32[] l1_coeff * mean_tokens sum_i f_i ||W_dec,i||  (relu; else 0).
-      l0_loss: f32[] l0_coeff * mean_tokens L0 with STE grads (jumprelu; else 0).
-      auxk: f32[] auxk_coeff * AuxK dead-latent loss (topk/batchtopk; else 0).
+      penalties: {name: f32[]} the kind's scaled loss terms beside the
+        reconstruction; the names are fixed per kind (trainers log them as
+        `train/<name>`):
+          l1          relu: l1_coeff * mean_tokens sum_i f_i ||W_dec,i||
+          l0_loss     jumprelu: l0_coeff * mean_tokens L0, STE gradients
+          auxk        topk, batchtopk kinds: auxk_coeff * AuxK (0 without dead latents)
+          matryoshka  matryoshka_batchtopk: the inner prefixes' reconstruction losses
     """
 
     f: jax.Array
     pre: jax.Array
     l0: jax.Array
     fired: jax.Array
-    l1: jax.Array
-    l0_loss: jax.Array
-    auxk: jax.Array
+    penalties: dict[str, jax.Array]
 
     @property
     def aux_loss(self) -> jax.Array:
         """f32[]: sum of all sparsity / auxiliary loss terms."""
-        return self.l1 + self.l0_loss + self.auxk
+        return sum(self.penalties.values(), jnp.zeros((), jnp.float32))
 
 
 def reconstruction_loss(x: jax.Array, x_hat: jax.Array) -> jax.Array:
@@ -139,7 +141,7 @@ class SAEBase(nn.Module):
     """Parameters, encoder and decoder shared by every kind.
 
     Subclasses implement `activate(pre, train)` and may override
-    `penalties(...)` and `setup()` (calling `super().setup()` first).
+    `activate_sparse`, `loss_terms(...)` and `setup()` (calling `super().setup()` first).
 
     Params: W_enc f32[d_model, d_sae], b_enc f32[d_sae],
             W_dec f32[d_sae, d_model], b_dec f32[d_model].
@@ -174,13 +176,12 @@ class SAEBase(nn.Module):
         a fixed k per token, the active latents, which `sae.decode=sparse` decodes from."""
         return self.activate(pre, train), None
 
-    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
-        """(l1, l0_loss, auxk) scaled loss terms, each f32[]; default all 0.
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff) -> dict[str, jax.Array]:
+        """The kind's scaled loss terms {name: f32[]} (`SAEOutput.penalties`); default none.
 
         x: f32[N, D], pre/f: f32[N, S], x_hat: f32[N, D], dead: bool[S]|None.
         """
-        zero = jnp.zeros((), jnp.float32)
-        return zero, zero, zero
+        return {}
 
     # -- shared interface ----------------------------------------------------
     def pre_acts(self, x: jax.Array) -> jax.Array:
@@ -201,7 +202,7 @@ class SAEBase(nn.Module):
     def encode(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: f32[..., d_model] -> f: f32[..., d_sae].
 
-        train=False is inference mode (matters for batchtopk, which then
+        train=False is inference mode (matters for the batchtopk kinds, which then
         uses its calibrated threshold instead of a batch-wide top-k).
         """
         f = self.activate(self.pre_acts(self._flat(x)), train)
@@ -230,7 +231,7 @@ class SAEBase(nn.Module):
         Args:
           x: f32[..., d_model] activations.
           dead: optional bool[d_sae] dead-latent mask for AuxK (None: none dead).
-          train: training mode (batchtopk: batch-wide top-k).
+          train: training mode (batchtopk kinds: batch-wide top-k).
           l1_coeff: optional (traced) override of cfg.l1_coeff, e.g. from
             `l1_coeff_at(step, cfg)`; only relu uses it.
         Returns:
@@ -242,7 +243,7 @@ class SAEBase(nn.Module):
         f, active_rows = self.activate_sparse(pre, train)
         x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
                  else self.decode(f))
-        l1, l0_loss, auxk = self.penalties(x2, pre, f, x_hat, dead, l1_coeff)
+        penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff)
         if active_rows is not None:
             # from the k active entries: the dense codes then need not exist in a training step
             idx, vals = active_rows
@@ -258,8 +259,6 @@ class SAEBase(nn.Module):
             pre=pre.reshape(*lead, -1),
             l0=jax.lax.stop_gradient(l0),
             fired=fired,
-            l1=l1,
-            l0_loss=l0_loss,
-            auxk=auxk,
+            penalties=penalties,
         )
         return x_hat.reshape(*lead, self.cfg.d_model), out

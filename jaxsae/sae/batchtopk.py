@@ -1,17 +1,27 @@
 """BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
 
-Training keeps the k * N largest activations over the whole flattened batch
-of N tokens, so tokens share a sparsity budget of k on average. At inference
-a token cannot see the batch, so a single scalar threshold (an EMA of the
-smallest activation kept during training, `update_threshold`) replaces the
-top-k: f = pre * (pre > threshold).
+Training keeps the k * N largest ReLU'd pre-activations over the whole
+flattened batch of N tokens, so tokens share a sparsity budget of k on
+average: some tokens get more than k latents, some fewer. At inference a token
+cannot see the batch, so a single scalar threshold replaces the top-k:
+f = pre * (pre > threshold).
 
 The threshold lives in params as `threshold` f32[] but never receives a
-gradient (stop_gradient); the trainer overwrites it after each step:
+gradient (stop_gradient); the trainer overwrites it after each step with
+`post_update` (through `jaxsae.sae.post_update`). It follows
+dictionary_learning's BatchTopKTrainer:
 
-    params['threshold'] = update_threshold(params['threshold'], out.f)
+    threshold starts at -1 (uncalibrated: inference is then plain ReLU);
+    on the update of optimizer step t > threshold_start_step, with m = the
+    smallest positive training activation of the batch (0 if none):
+        threshold = m                                       if threshold < 0
+        threshold = decay * threshold + (1 - decay) * m     otherwise.
 
-(exclude it from weight decay if the optimizer has any).
+One difference: an SAE whose threshold is already calibrated (>= 0) keeps
+updating from step 0, so a fine-tune, whose step count restarts, does not
+freeze the threshold of the SAE it starts from for threshold_start_step steps.
+Within one run from scratch the two rules are the same, as the threshold stays
+-1 until step threshold_start_step + 1.
 """
 
 from __future__ import annotations
@@ -19,8 +29,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxsae.sae.base import SAEBase
+from jaxsae.sae.config import SAEConfig
 from jaxsae.sae.topk import TopKSAE
+
+UNCALIBRATED = -1.0
 
 
 def batch_topk_activation(pre: jax.Array, k: int) -> jax.Array:
@@ -31,39 +46,57 @@ def batch_topk_activation(pre: jax.Array, k: int) -> jax.Array:
     return jnp.zeros_like(flat).at[idx].set(vals).reshape(n, s)
 
 
-def update_threshold(threshold: jax.Array, f: jax.Array, decay: float = 0.99) -> jax.Array:
-    """f32[]: EMA of the minimum positive activation of a training batch.
+def update_threshold(threshold: jax.Array, f: jax.Array, decay: float = 0.999) -> jax.Array:
+    """f32[]: one EMA step towards the minimum positive activation of a training batch.
 
     Args:
-      threshold: f32[] current threshold; <= 0 means "not calibrated yet",
-        in which case the batch minimum is taken as is (no bias towards 0).
+      threshold: f32[] current threshold; < 0 means "not calibrated yet", in
+        which case the batch minimum is taken as is (no bias towards -1).
       f: f32[..., d_sae] training-mode activations (SAEOutput.f).
       decay: EMA decay.
-    Batches with no active latent leave the threshold unchanged.
+    A batch with no active latent contributes 0, as in dictionary_learning.
     """
     f = jax.lax.stop_gradient(f)
     pos = f > 0
-    min_pos = jnp.min(jnp.where(pos, f, jnp.inf))
+    min_pos = jnp.where(jnp.any(pos), jnp.min(jnp.where(pos, f, jnp.inf)), 0.0)
     ema = decay * threshold + (1.0 - decay) * min_pos
-    new = jnp.where(threshold > 0, ema, min_pos)
-    return jnp.where(jnp.any(pos), new, threshold).astype(jnp.float32)
+    return jnp.where(threshold < 0, min_pos, ema).astype(jnp.float32)
+
+
+def post_update(cfg: SAEConfig, params: dict, out, step) -> dict:
+    """params with the inference threshold updated from this step's training activations.
+
+    step: i32[] the optimizer step just taken (0 for the first). See the module docstring for the rule.
+    """
+    thr = params["threshold"]
+    on = (jnp.asarray(step) > cfg.threshold_start_step) | (thr >= 0)
+    new = jnp.where(on, update_threshold(thr, out.f, cfg.threshold_decay), thr)
+    return {**params, "threshold": new.astype(thr.dtype)}
+
+
+def inference_threshold(cfg: SAEConfig, params) -> np.ndarray:
+    """f32[d_sae] theta with f = pre * (pre > theta): the scalar threshold, an uncalibrated one as 0."""
+    return np.full((cfg.d_sae,), max(float(params["threshold"]), 0.0), np.float32)
 
 
 class BatchTopKSAE(TopKSAE):
-    """BatchTopK SAE; extra param `threshold` f32[] (init 0 = uncalibrated).
+    """BatchTopK SAE; extra param `threshold` f32[] (init -1 = uncalibrated).
 
-    AuxK and the unit-norm decoder are as for TopK.
+    AuxK and the unit-norm decoder are as for TopK; the activation is not.
     """
 
     def setup(self):
         super().setup()
         self.threshold = self.param(
-            "threshold", nn.with_logical_partitioning(nn.initializers.zeros_init(), ()), ()
+            "threshold", nn.with_logical_partitioning(nn.initializers.constant(UNCALIBRATED), ()), ()
         )
 
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         if train:
             return batch_topk_activation(pre, self.cfg.k)
-        # Clamp at 0: an uncalibrated (0) threshold degrades to plain ReLU.
+        # Clamp at 0: an uncalibrated (-1) threshold degrades to plain ReLU.
         thr = jnp.maximum(jax.lax.stop_gradient(self.threshold), 0.0)
         return jnp.where(pre > thr, pre, 0.0)
+
+    # Tokens have no fixed k: no per-token rows for a sparse decoder (TopKSAE's would be per-token top-k).
+    activate_sparse = SAEBase.activate_sparse

@@ -1,21 +1,28 @@
 """SAE hyper-parameters.
 
 `SAEConfig` is a frozen (hashable) dataclass so it can be a static field of a
-Flax module and a static argument of `jax.jit`.
+Flax module and a static argument of `jax.jit`. It is also the run config's
+`sae:` section: every field has a default (d_model=0 means "the model's width",
+filled in by the trainer with `dataclasses.replace`).
+
+What each kind does with these fields lives in `jaxsae.sae.kinds`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax.numpy as jnp
 
-KINDS = ("topk", "batchtopk", "relu", "jumprelu")
-# Kinds whose decoder rows are kept at unit norm (gradient projection +
-# renormalisation, see `decoder_norm.py`). ReLU folds the decoder norm into
-# its L1 penalty instead; JumpReLU's L0 penalty is scale-free.
-UNIT_NORM_KINDS = ("topk", "batchtopk")
-DTYPES = ("float32", "bfloat16", "float16")
+DType = Literal["float32", "bfloat16", "float16"]
+Decode = Literal["dense", "sparse"]
+DTYPES: tuple[str, ...] = typing.get_args(DType)
+DECODES: tuple[str, ...] = typing.get_args(Decode)
+# The fields that describe an SAE's architecture (what a saved SAE brings with it when a run starts
+# from it); every other field is a training setting the run decides.
+ARCHITECTURE_FIELDS = ("kind", "d_model", "d_sae", "k", "group_fractions", "group_weights")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,28 +30,38 @@ class SAEConfig:
     """Architecture and loss settings of one sparse autoencoder.
 
     Attributes:
-      kind: 'topk' | 'batchtopk' | 'relu' | 'jumprelu'.
-      d_model: width of the activations being reconstructed.
+      kind: a name in `jaxsae.sae.KINDS`: topk | batchtopk | relu | jumprelu | matryoshka_batchtopk.
+      d_model: width of the activations being reconstructed; 0 = not known yet (the run fills in
+        the model's width; `validate(require_d_model=False)` accepts it until then).
       d_sae: number of latents (dictionary size).
-      k: active latents per token (topk) or on average per token (batchtopk).
+      k: active latents per token (topk) or on average per token (batchtopk kinds).
       l1_coeff: ReLU only; weight of sum_i f_i * ||W_dec,i||.
       l1_warmup_steps: ReLU only; linear warm-up of l1_coeff from 0.
       jumprelu_init_threshold: JumpReLU initial theta (stored as log).
       jumprelu_bandwidth: JumpReLU straight-through rectangle kernel width eps.
       l0_coeff: JumpReLU only; weight of the mean L0 penalty.
-      auxk_coeff: topk/batchtopk; weight of the AuxK dead-latent loss.
+      auxk_coeff: topk and batchtopk kinds; weight of the AuxK dead-latent loss.
       k_aux: latents used by AuxK; None -> d_model // 2 (clamped to d_sae).
       dead_tokens_threshold: a latent that has not fired for this many
         tokens counts as dead (for AuxK).
+      threshold_decay: batchtopk kinds; EMA decay of the inference threshold
+        (dictionary_learning's `threshold_beta`).
+      threshold_start_step: batchtopk kinds; the threshold is first calibrated
+        on the update after this optimizer step (dictionary_learning's rule).
+      group_fractions: matryoshka_batchtopk only; the share of d_sae in each
+        nested group, in order, summing to 1 (dictionary_learning's name and
+        rounding: floor(f * d_sae) latents per group, the last takes the rest).
+      group_weights: matryoshka_batchtopk only; weight of each prefix's
+        reconstruction loss (None = equal weights).
       dtype: compute dtype of the encoder/decoder matmuls (params stay f32).
       decode: dense (f @ W_dec: one matmul, any sharding; the default, best on TPU) or sparse
-        (topk only: gather the k decoder rows of each token, sum_j a_j W_dec[idx_j]; k/d_sae of the
-        FLOPs, faster on CPU/GPU at large d_sae, but an f32[tokens, k, d_model] intermediate and a
-        gather along d_sae, which a mesh with model > 1 has to all-gather).
+        (fixed-k kinds only: gather the k decoder rows of each token, sum_j a_j W_dec[idx_j]; k/d_sae
+        of the FLOPs, faster on CPU/GPU at large d_sae, but an f32[tokens, k, d_model] intermediate
+        and a gather along d_sae, which a mesh with model > 1 has to all-gather).
     """
 
     kind: str = "topk"
-    d_model: int = 0  # 0 in a run config: the trainer fills in the model's width
+    d_model: int = 0
     d_sae: int = 4096
     k: int = 32
     l1_coeff: float = 0.0
@@ -55,8 +72,20 @@ class SAEConfig:
     auxk_coeff: float = 1 / 32
     k_aux: int | None = None
     dead_tokens_threshold: int = 10_000_000
-    dtype: str = "float32"
-    decode: str = "dense"
+    threshold_decay: float = 0.999
+    threshold_start_step: int = 1000
+    # None rather than (): a checkpoint's metadata stores this config as JSON, where () would come back as []
+    group_fractions: tuple[float, ...] | None = None
+    group_weights: tuple[float, ...] | None = None
+    dtype: DType = "float32"
+    decode: Decode = "dense"
+
+    def __post_init__(self):
+        # configs read back from JSON or YAML carry lists; a jit static argument must be hashable
+        for name in ("group_fractions", "group_weights"):
+            v = getattr(self, name)
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
 
     @property
     def effective_k_aux(self) -> int:
@@ -70,22 +99,30 @@ class SAEConfig:
 
     @property
     def unit_norm_decoder(self) -> bool:
-        return self.kind in UNIT_NORM_KINDS
+        from jaxsae.sae.kinds import kind_of  # local: the kinds import the modules, which import this
 
-    def validate(self, require_d_model: bool = True) -> "SAEConfig":
-        """Raise ValueError (one line naming the field and the fix); return self. require_d_model=False
-        checks a run config's `sae:` section, whose d_model (0) comes from the model later."""
+        return kind_of(self).unit_norm_decoder
+
+    def validate(self, *, require_d_model: bool = True) -> "SAEConfig":
+        """Raise ValueError (one line naming the field and the fix); return self.
+
+        require_d_model=False accepts d_model=0 (a run's `sae:` section before the model is known).
+        """
+        from jaxsae.sae.kinds import REGISTRY
 
         def fail(msg: str):
             raise ValueError(msg)
 
-        if self.kind not in KINDS:
-            fail(f"sae.kind={self.kind!r} is unknown: choose one of {', '.join(KINDS)}")
-        for name in ("d_model", "d_sae", "k") if require_d_model else ("d_sae", "k"):
+        kind = REGISTRY.get(self.kind)
+        if kind is None:
+            fail(f"sae.kind={self.kind!r} is unknown: choose one of {', '.join(REGISTRY)}")
+        for name in ("d_model", "d_sae", "k"):
             v = getattr(self, name)
+            if name == "d_model" and not require_d_model and v == 0:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 fail(f"sae.{name}={v!r} must be a positive integer: set sae.{name} >= 1")
-        if self.kind in ("topk", "batchtopk") and self.k > self.d_sae:
+        if kind.uses_k and self.k > self.d_sae:
             fail(f"sae.k={self.k} exceeds sae.d_sae={self.d_sae}: choose k <= d_sae")
         if self.k_aux is not None:
             if not isinstance(self.k_aux, int) or self.k_aux <= 0:
@@ -96,18 +133,25 @@ class SAEConfig:
             v = getattr(self, name)
             if not v >= 0:  # also catches NaN
                 fail(f"sae.{name}={v!r} is negative: choose {name} >= 0")
-        if not isinstance(self.l1_warmup_steps, int) or self.l1_warmup_steps < 0:
-            fail(f"sae.l1_warmup_steps={self.l1_warmup_steps!r} must be an integer >= 0")
+        for name in ("l1_warmup_steps", "threshold_start_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                fail(f"sae.{name}={v!r} must be an integer >= 0")
         for name in ("jumprelu_init_threshold", "jumprelu_bandwidth"):
             v = getattr(self, name)
             if not v > 0:
                 fail(f"sae.{name}={v!r} must be > 0: choose a small positive value such as 1e-3")
+        if not 0 <= self.threshold_decay < 1:  # also catches NaN
+            fail(f"sae.threshold_decay={self.threshold_decay!r} must be in [0, 1): e.g. 0.999")
         if self.dead_tokens_threshold <= 0:
             fail(f"sae.dead_tokens_threshold={self.dead_tokens_threshold!r} must be > 0")
-        if self.decode not in ("dense", "sparse"):
-            fail(f"sae.decode={self.decode!r}: choose dense or sparse")
-        if self.decode == "sparse" and self.kind != "topk":
-            fail(f"sae.decode=sparse needs a fixed k per token (kind topk), not {self.kind}: use sae.decode=dense")
+        if self.decode not in DECODES:
+            fail(f"sae.decode={self.decode!r}: choose {' or '.join(DECODES)}")
+        if self.decode == "sparse" and not kind.fixed_k:
+            fixed = ", ".join(n for n, kd in REGISTRY.items() if kd.fixed_k)
+            fail(f"sae.decode=sparse needs a fixed k per token (kind {fixed}), not {self.kind}: "
+                 "use sae.decode=dense")
         if self.dtype not in DTYPES:
             fail(f"sae.dtype={self.dtype!r} is unsupported: choose one of {', '.join(DTYPES)}")
+        kind.validate(self)
         return self

@@ -47,7 +47,7 @@ def init_sae(cfg: SAEConfig, rng: jax.Array, sample: jax.Array | None = None) ->
     Returns:
       {'W_enc': f32[d_model, d_sae], 'b_enc': f32[d_sae],
        'W_dec': f32[d_sae, d_model], 'b_dec': f32[d_model],
-       + 'threshold': f32[] (batchtopk) | 'log_threshold': f32[d_sae] (jumprelu)}.
+       + 'threshold': f32[] (batchtopk kinds) | 'log_threshold': f32[d_sae] (jumprelu)}.
       Apply with `make_sae(cfg).apply({'params': params}, x, ...)`.
     """
     variables = jax.jit(functools.partial(_variables, cfg))(rng)

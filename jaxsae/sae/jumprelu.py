@@ -16,6 +16,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsae.sae.base import SAEBase
 
@@ -75,7 +76,7 @@ heaviside_step.defvjp(_step_fwd, _step_bwd)
 class JumpReLUSAE(SAEBase):
     """JumpReLU SAE; extra param `log_threshold` f32[d_sae].
 
-    The output's `l0_loss` = l0_coeff * mean_tokens L0 (STE-differentiable).
+    The output's penalties['l0_loss'] = l0_coeff * mean_tokens L0 (STE-differentiable).
     """
 
     def setup(self):
@@ -88,8 +89,12 @@ class JumpReLUSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return jumprelu(pre, jnp.exp(self.log_threshold), self.cfg.jumprelu_bandwidth)
 
-    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
-        zero = jnp.zeros((), jnp.float32)
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):
         on = heaviside_step(pre, jnp.exp(self.log_threshold), self.cfg.jumprelu_bandwidth)
         l0 = jnp.mean(jnp.sum(on, axis=-1))
-        return zero, self.cfg.l0_coeff * l0, zero
+        return {"l0_loss": self.cfg.l0_coeff * l0}
+
+
+def inference_threshold(cfg, params) -> np.ndarray:
+    """f32[d_sae] theta with f = pre * (pre > theta): exp(log_threshold)."""
+    return np.exp(np.asarray(params["log_threshold"], np.float32))

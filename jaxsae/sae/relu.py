@@ -40,9 +40,8 @@ class ReLUSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return jax.nn.relu(pre)
 
-    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
-        zero = jnp.zeros((), jnp.float32)
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):
         coeff = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         dec_norm = jnp.linalg.norm(self.W_dec, axis=-1)  # f32[S]
         l1 = jnp.mean(jnp.sum(f * dec_norm, axis=-1))
-        return coeff * l1, zero, zero
+        return {"l1": coeff * l1}

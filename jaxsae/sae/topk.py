@@ -28,8 +28,8 @@ def topk_activation(pre: jax.Array, k: int) -> jax.Array:
 class TopKSAE(SAEBase):
     """TopK sparse autoencoder; see `SAEBase` for params and interface.
 
-    `__call__(x, dead)` adds `auxk` = auxk_coeff * AuxK(dead) to the output
-    whenever a dead mask with at least one dead latent is passed.
+    `__call__(x, dead)` puts penalties['auxk'] = auxk_coeff * AuxK(dead) in
+    the output, nonzero when a dead mask with at least one dead latent is passed.
     """
 
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
@@ -40,13 +40,12 @@ class TopKSAE(SAEBase):
         vals = jax.nn.relu(vals)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
-    def penalties(self, x, pre, f, x_hat, dead, l1_coeff):
-        zero = jnp.zeros((), jnp.float32)
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):
         if dead is None:  # static: skip the extra top-k entirely
-            return zero, zero, zero
+            return {"auxk": jnp.zeros((), jnp.float32)}
         # The residual is a fixed target: AuxK must not pull the main
         # reconstruction towards what the dead latents can express.
         residual = jax.lax.stop_gradient(x - x_hat)
         aux = auxk_loss(pre, jnp.asarray(dead, bool), residual, self.W_dec,
                         self.cfg.effective_k_aux)
-        return zero, zero, self.cfg.auxk_coeff * aux
+        return {"auxk": self.cfg.auxk_coeff * aux}

@@ -124,15 +124,16 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
         params = optax.apply_updates(state["params"], updates)
         out = aux["out"]
         if compose is None:
-            params, dead = post_update(sae_cfg, params, state["dead"], out, tokens.size)
+            params, dead = post_update(sae_cfg, params, state["dead"], out, tokens.size, state["step"])
         else:  # the base SAE is frozen: only count which latents fire
             dead = update_dead_counter(state["dead"], out.fired, tokens.size)
         l1 = state["l1"]
         if loss.l1_controller:
             # The reference holds L0 at its pre-fine-tune value by nudging λ by ±0.1% per step.
             l1 = jnp.where(out.l0 > state["l0_target"], l1 * (1 + loss.l1_rate), l1 * (1 - loss.l1_rate))
-        metrics = {"train/loss": total, "train/mse": aux["mse"], "train/l0": out.l0, "train/auxk": out.auxk,
-                   "train/l1": out.l1, "train/l1_coeff": state["l1"], "train/lr": schedule(state["step"]),
+        metrics = {"train/loss": total, "train/mse": aux["mse"], "train/l0": out.l0,
+                   **{f"train/{k}": v for k, v in out.penalties.items()}, "train/l1_coeff": state["l1"],
+                   "train/lr": schedule(state["step"]),
                    "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
         if loss.kl_share > 0.0 or kl_only:
             metrics.update({"train/kl": aux["kl"], "train/beta": aux["beta"]})

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxsae import config as C
+from jaxsae.sae import kind_of
 from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
 from jaxsae.train.loop import StepParts, run_steps
 from jaxsae.train.optim import optimizer
@@ -24,7 +25,7 @@ def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool)
     """The phase's loss settings; the L1 controller (default: on for kinds with an L1 penalty) holds the
     L0 of the SAE it continues, so it is off for a fresh SAE and for a frozen one."""
     sec = C.section(cfg, phase.name)
-    controller = sae_cfg.kind == "relu" if sec.l1_controller is None else sec.l1_controller
+    controller = kind_of(sae_cfg).l1_controlled if sec.l1_controller is None else sec.l1_controller
     share = sec.kl_share if phase.kl_share is None else phase.kl_share
     return KLLoss(kl_share=share, l1_controller=controller and trains_sae and continues, l1_rate=sec.l1_rate)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxsae import config as C
-from jaxsae.sae import SAEConfig, dead_mask, l1_coeff_at, reconstruction_loss, update_dead_counter, update_threshold
+from jaxsae.sae import SAEConfig, dead_mask, kind_of, l1_coeff_at, reconstruction_loss, update_dead_counter
 from jaxsae.sharding import jit_step
 from jaxsae.train.loop import StepParts, run_steps
 from jaxsae.train.optim import optimizer
@@ -37,10 +37,10 @@ def sae_loss(sae_module, sae_cfg: SAEConfig, params, x, dead, step):
     return mse + out.aux_loss, (mse, out)
 
 
-def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens):
-    """Bookkeeping after an update: BatchTopK's inference threshold and the dead-latent counters."""
-    if sae_cfg.kind == "batchtopk":
-        params = {**params, "threshold": update_threshold(params["threshold"], out.f)}
+def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens, step):
+    """Bookkeeping after update `step` (i32[], 0 first): the kind's (BatchTopK's inference threshold) and
+    the dead-latent counters."""
+    params = kind_of(sae_cfg).post_update(sae_cfg, params, out, step)
     return params, update_dead_counter(dead, out.fired, n_tokens)
 
 
@@ -63,11 +63,11 @@ def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule
             lambda p: sae_loss(sae_module, sae_cfg, p, x, state["dead"], state["step"]), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        params, dead = post_update(sae_cfg, params, state["dead"], out, x.shape[0])
+        params, dead = post_update(sae_cfg, params, state["dead"], out, x.shape[0], state["step"])
         # FVE against this batch's own variance (the eval uses held-out data)
         var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, -1))
         metrics = {"train/loss": loss, "train/mse": mse, "train/fve": 1.0 - mse / var, "train/l0": out.l0,
-                   "train/auxk": out.auxk, "train/l1": out.l1, "train/lr": schedule(state["step"]),
+                   **{f"train/{k}": v for k, v in out.penalties.items()}, "train/lr": schedule(state["step"]),
                    "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
         new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead, rng=state["rng"])
         return new, metrics
