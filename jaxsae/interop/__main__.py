@@ -152,7 +152,7 @@ def _run(a: argparse.Namespace):
 
     from jaxsae import interop
     from jaxsae.checkpoint import CheckpointError
-    from jaxsae.eval import find_run_config
+    from jaxsae.eval.__main__ import find_run_config
 
     try:
         if a.cmd == "export":
