@@ -53,6 +53,10 @@ class MetricsLog:
         if len(keep) != len(records) or not self.path.read_bytes().endswith(b"\n"):
             write_jsonl(self.path, keep)
 
+    def has(self, phase: str) -> bool:
+        """Whether a line of `phase` was logged already."""
+        return any(r.get("phase") == phase for r in read_jsonl(self.path))
+
     def write(self, record: dict) -> None:
         if self.enabled:
             append_jsonl(self.path, record)

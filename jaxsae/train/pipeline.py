@@ -49,8 +49,9 @@ def collect_store(p: Plan, lm, log: MetricsLog):
                    drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens,
                    mesh=p.mesh)
     store = info.open()
-    log.write({"phase": "collect", "step": 0, "tokens": store.n_tokens, "seconds": round(time.time() - t0, 1),
-               "scale": store.scale})
+    if not log.has("collect"):  # once per run directory, not once per rerun
+        log.write({"phase": "collect", "step": 0, "tokens": store.n_tokens, "seconds": round(time.time() - t0, 1),
+                   "scale": store.scale})
     return store
 
 
