@@ -6,11 +6,13 @@ A run directory holds:
     checkpoints/<phase>/  Orbax checkpoints of each training phase (jaxsae.phases lists them)
     metrics.jsonl         one line per logged step: phase, step, tokens, losses, l0, lr, tokens/s
     eval.json             evaluation after every phase
+    run.lock              who runs in it now (`jaxsae.rundir.RunDirLock`, held for the whole run)
 
 Starting the same command again resumes: a complete store is reused, an incomplete one resumes
-collection, and each phase continues from its last checkpoint (or is skipped when finished). A
-checkpoint records everything that shapes its phase's trajectory (`trajectory`); a resume whose config
-differs in any of it stops, naming the key and the value on disk.
+collection, and each phase continues from its newest readable checkpoint (or is skipped when finished).
+A checkpoint records everything that shapes its phase's trajectory (`trajectory`); a resume whose config
+differs in any of it stops, naming the key and the value on disk. Every step's metrics are checked
+(finite, and by the divergence guard, `jaxsae.train.guard`) before its checkpoint is written.
 """
 
 from __future__ import annotations
