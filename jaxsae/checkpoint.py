@@ -29,12 +29,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxsae.errors import UserError
+
 ITEMS = ("state", "meta")
 UNREADABLE = ".unreadable"  # suffix of a step directory set aside by a resume
 _TMP = ".orbax-checkpoint-tmp"  # Orbax's in-progress saves
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No readable checkpoint, a step that does not restore, or a directory we must not write into."""
 
 
@@ -158,13 +160,21 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
-    def restore_latest_readable(self, abstract_state: Any, set_aside: bool = True) -> Restored:
+    def restore_latest_readable(self, abstract_state: Any, set_aside: bool = True,
+                                check: Callable[[Any], None] | None = None) -> Restored:
         """The newest step that restores onto ``abstract_state``, as (state, meta, step).
 
         Unreadable newer steps are reported on stderr in one line and, with ``set_aside``, renamed to
-        `<step>.unreadable` so the resumed run can save them again. CheckpointError naming the
-        directory if there is no step, or none restores."""
-        (state, meta), step, bad = self._newest_readable(lambda s: self._restore_step(s, abstract_state), "state")
+        `<step>.unreadable` so the resumed run can save them again. ``check(state)``: raises when a
+        restored state is unusable (say, params that are not finite); that step counts as unreadable.
+        CheckpointError naming the directory if there is no step, or none restores."""
+        def load(s: int) -> tuple[Any, dict]:
+            state, meta = self._restore_step(s, abstract_state)
+            if check is not None:
+                check(state)
+            return state, meta
+
+        (state, meta), step, bad = self._newest_readable(load, "state")
         if bad and set_aside:
             self._set_aside([s for s, _ in bad])
         self._report(bad, step, bool(bad) and set_aside)

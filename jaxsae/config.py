@@ -15,10 +15,11 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxsae.errors import UserError
 from jaxsae.sae.config import SAEConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config; the message names the key and the fix."""
 
 
@@ -161,6 +162,21 @@ class EvalCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardCfg:
+    """The divergence guard of every training phase (`jaxsae.train.guard`): the loop stops, naming the
+    step, when training has plainly gone wrong, instead of spending the rest of the budget on it."""
+
+    enabled: bool = True
+    # stop when train/loss exceeds loss_ratio x its running minimum over the phase's steps so far ...
+    loss_ratio: float = 1000.0
+    # ... checked from this step of the phase on (Adam's first steps may swing while its moments fill)
+    grace_steps: int = 20
+    # stop when no latent fires (train/l0 == 0) or every latent is dead (train/dead_fraction == 1) for
+    # this many steps in a row
+    dead_steps: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     phases: tuple = ("mse", "finetune")  # names from jaxsae.phases.PHASES, in that order
@@ -176,6 +192,7 @@ class RunConfig:
     adapter: AdapterCfg = AdapterCfg()
     checkpoint: CheckpointCfg = CheckpointCfg()
     eval: EvalCfg = EvalCfg()
+    guard: GuardCfg = GuardCfg()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,7 +268,7 @@ def build(cls, data: dict | None, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]}: valid keys here are {', '.join(sorted(fields))}")
@@ -283,26 +300,80 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({' '.join(str(e).split())}); quote it "
+                          "or fix its brackets") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
-    """YAML file (or `base` dict) + `key.path=value` overrides -> a checked RunConfig."""
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in YAML file `path` ({} for an empty file); ConfigError naming the file otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise ConfigError(f"config file {p} {what}; see configs/ for examples")
+    try:
+        loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} holds a YAML {type(loaded).__name__}, not a mapping of sections: write "
+                          "it as `key: value` lines (see configs/demo.yaml)")
+    return loaded
+
+
+# The keys that size a run: a config file must set them itself (or through --set), so that a file that
+# says nothing never starts the defaults' 500M-token run.
+def _size_keys(tree: dict) -> list[str]:
+    from jaxsae.phases import BY_NAME
+
+    phases = tree.get("phases", RunConfig.phases)
+    keys = ["store.tokens"]
+    for name in phases if isinstance(phases, (list, tuple)) else ():
+        if name == "e2e":  # e2e.tokens 0 means mse.tokens + finetune.tokens
+            keys += [] if _has(tree, "e2e.tokens") else ["mse.tokens", "finetune.tokens"]
+        elif name in BY_NAME:
+            keys.append(f"{BY_NAME[name].section}.tokens")
+    return list(dict.fromkeys(keys))
+
+
+def _has(tree: dict, dotted: str) -> bool:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def check_sized(tree: dict, path: str | Path) -> None:
+    """ConfigError unless the config tree sets every key that sizes its run (`_size_keys`)."""
+    missing = [k for k in _size_keys(tree) if not _has(tree, k)]
+    if missing:
+        raise ConfigError(f"config file {path} does not set {', '.join(missing)}: a run's size must be chosen, not "
+                          f"defaulted (the defaults are the paper's 500M-token run); set them in the file or with "
+                          f"--set {missing[0]}=N")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
+                require_size: bool = False) -> RunConfig:
+    """YAML file (or `base` dict) + `key.path=value` overrides -> a checked RunConfig.
+    require_size: the file (with the overrides) must set the keys that size the run (`check_sized`)."""
     tree: dict = dict(base or {})
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist; see configs/ for examples")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from e
-        tree = loaded
+        tree = read_yaml(path)
     if tree.get("mesh") == "auto":
         tree["mesh"] = {}
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key, value)
+    if require_size and path is not None:
+        check_sized(tree, path)
     cfg = build(RunConfig, tree)
     from jaxsae.validate import check_static
 

@@ -37,11 +37,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from jaxsae.errors import UserError
+
 LOCK_FILE = "run.lock"
 _MISSING = object()
 
 
-class RunDirBusy(RuntimeError):
+class RunDirBusy(UserError, RuntimeError):
     """Another process holds the run directory. ``holder``: what its lock file says (host, pid, ...)."""
 
     def __init__(self, message: str, holder: dict[str, Any] | None):
@@ -49,7 +51,7 @@ class RunDirBusy(RuntimeError):
         self.holder = holder or {}
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(UserError, ValueError):
     """A run file (metrics.jsonl, eval.json, ...) that cannot be parsed; the message names file and fix."""
 
 

@@ -36,6 +36,11 @@ def check_static(cfg: RunConfig) -> None:
     need(cfg.mse.tokens <= cfg.store.tokens * 1000 or "mse" not in cfg.phases,
          "mse.tokens is over 1000 epochs of the store: raise store.tokens")
     check_adapter(cfg)
+    g = cfg.guard
+    need(g.loss_ratio > 1, f"guard.loss_ratio={g.loss_ratio} must be > 1 (the loss's growth over its minimum that "
+                           "stops a run; guard.enabled=false turns the guard off)")
+    need(g.grace_steps >= 0, f"guard.grace_steps={g.grace_steps} must be >= 0")
+    need(g.dead_steps >= 1, f"guard.dead_steps={g.dead_steps} must be >= 1")
     need(cfg.mesh.model >= 1, f"mesh.model={cfg.mesh.model} must be >= 1")
     need(cfg.mesh.data is None or cfg.mesh.data >= 1, f"mesh.data={cfg.mesh.data} must be >= 1 (or null: all)")
     need(cfg.sae.d_model == 0, f"sae.d_model={cfg.sae.d_model}: leave it out, it comes from the model")

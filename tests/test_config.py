@@ -82,3 +82,35 @@ def test_missing_file_and_bad_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_config_sizes_its_run(path):
+    load_config(path, require_size=True)
+
+
+def test_a_config_file_must_size_its_run(tmp_path):
+    """An empty file would otherwise start the defaults' 500M-token run; the trainer's CLI asks a config
+    file to set store.tokens and each listed phase's tokens (e2e's 0 means mse + finetune tokens)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("")
+    with pytest.raises(ConfigError, match=r"does not set store\.tokens, mse\.tokens, finetune\.tokens: .*--set "
+                                          r"store\.tokens=N"):
+        load_config(p, require_size=True)
+    p.write_text("phases: [e2e]\nstore:\n  tokens: 100000\n")
+    with pytest.raises(ConfigError, match=r"does not set mse\.tokens, finetune\.tokens"):
+        load_config(p, require_size=True)
+    assert load_config(p, ["e2e.tokens=4096"], require_size=True).e2e.tokens == 4096
+    assert load_config(p).store.tokens == 100000  # the library's load_config does not ask
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- mse\n- finetune\n", "holds a YAML list, not a mapping"),
+    ("3\n", "holds a YAML int, not a mapping"),
+    (b"name: d\xe9mo\n", "is not UTF-8 text"),
+])
+def test_a_config_file_that_is_not_a_utf8_mapping(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)

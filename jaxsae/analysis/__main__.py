@@ -8,15 +8,15 @@ The work is in `jaxsae.analysis`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxsae import cli
     from jaxsae.analysis.stream import SOURCE_HELP
 
-    ap = argparse.ArgumentParser(prog="python -m jaxsae.analysis", description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="python -m jaxsae.analysis", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="a run directory written by python -m jaxsae.train")
     ap.add_argument("--features", type=int, nargs="+", required=True, metavar="F", help="feature indices")
     ap.add_argument("--source", default="eval", help=SOURCE_HELP)
@@ -30,20 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     a = ap.parse_args(argv)
 
-    from jaxsae.analysis.pipeline import Request, analyze, check
-    from jaxsae.analysis.runinfo import AnalysisError
-    from jaxsae.models.hf import CheckpointError
+    def work() -> int:
+        from jaxsae.analysis.pipeline import Request, analyze, check
 
-    req = Request(a.run_dir, tuple(a.features), a.source, a.tokens, a.top, a.fmt, a.out, a.left, a.right,
-                  a.batch, progress=a.progress)
-    try:
+        req = Request(a.run_dir, tuple(a.features), a.source, a.tokens, a.top, a.fmt, a.out, a.left, a.right,
+                      a.batch, progress=a.progress)
         check(req)  # fail fast, before loading anything
-        index = analyze(req)
-    except (AnalysisError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(index)
-    return 0
+        print(analyze(req))
+        return 0
+
+    return cli.guarded(work)
 
 
 if __name__ == "__main__":

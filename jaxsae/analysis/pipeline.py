@@ -55,6 +55,13 @@ def check(req: Request) -> Checked:
     info = inspect_run(req.run_dir)
     features = check_features(list(req.features), info.d_sae)
     spec = source_spec(req.source, info)
+    if isinstance(spec, dict):
+        from jaxsae.data.text import check_source
+
+        try:
+            check_source(spec)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            raise AnalysisError(f"--source {req.source}: {e}") from None
     out = Path(req.out) if req.out is not None else info.run_dir / "analysis"
     if out.exists() and not out.is_dir():
         raise AnalysisError(f"--out {out} exists and is not a directory")

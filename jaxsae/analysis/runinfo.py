@@ -12,9 +12,10 @@ import dataclasses
 from pathlib import Path
 
 from jaxsae import config as C
+from jaxsae.errors import UserError
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """A user error in an analysis request; the message names the fix."""
 
 
@@ -72,15 +73,15 @@ def inspect_run(run_dir: str | Path) -> RunInfo:
     ckpt = _latest_phase(run_dir)
     meta = Checkpointer(ckpt).restore_meta()
     cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise AnalysisError(f"run directory {run_dir} has no config.yaml (it says which text, store and model the "
+                            "run used): restore it from the run")
     try:
-        cfg = C.load_config(cfg_file) if cfg_file.exists() else C.RunConfig()
+        cfg = C.load_config(cfg_file)
     except C.ConfigError as e:
         raise AnalysisError(f"{cfg_file}: {e}") from e
-    # config.yaml names the model as the user gave it ("shipped" resolves on any machine); the
-    # checkpoint's meta holds the path resolved at training time, the fallback without a config.
-    model = resolve_model_path(cfg.model.path) if cfg_file.exists() else meta.get("model")
-    if not model:
-        raise AnalysisError(f"neither {cfg_file} nor the checkpoint in {ckpt} names the model")
+    # config.yaml names the model as the user gave it ("shipped" resolves on any machine)
+    model = resolve_model_path(cfg.model.path)
     layer = int(meta.get("hook_layer", cfg.hook.layer))
     return RunInfo(run_dir, cfg, ckpt, meta, str(model), layer, int(meta["sae"]["d_sae"]))
 

@@ -19,6 +19,8 @@ import time
 import jax
 import numpy as np
 
+from jaxsae.errors import UserError
+
 # Slice name -> chip topology. v4 and v5p slice names count TensorCores (2 per chip).
 _TOPOLOGIES = {
     "v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:2x4x4", "v4-128": "v4:4x4x4",
@@ -35,7 +37,7 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
 HBM_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v6e": 32}
 
 
-class AOTError(ValueError):
+class AOTError(UserError, ValueError):
     """A topology that cannot be used; the message names the fix."""
 
 

@@ -3,16 +3,13 @@ TPU topology (or this machine's devices) and print per-device memory and FLOPs. 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import jax
-
-from jaxsae.aot import HBM_GIB, AOTError, _gib, compile_steps, topology_devices, topology_name
+from jaxsae import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxsae.aot", description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="python -m jaxsae.aot", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     ap.add_argument("--topology", default="local",
@@ -20,22 +17,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hbm-gib", type=float, default=None, help="device memory to check against "
                     "(default: the TPU generation's HBM; none for local)")
     a = ap.parse_args(argv)
+    return cli.guarded(lambda: compile_and_report(a))
 
-    from jaxsae.config import ConfigError, load_config
-    from jaxsae.models.hf import CheckpointError
 
-    try:
-        cfg = load_config(a.config, a.overrides)
-        if a.topology == "local":
-            devices, hosts, hbm = jax.devices(), jax.process_count(), a.hbm_gib
-        else:
-            devices = topology_devices(a.topology)
-            hosts = len({d.process_index for d in devices})
-            hbm = a.hbm_gib or HBM_GIB.get(topology_name(a.topology).split(":")[0])
-        steps, mesh = compile_steps(cfg, devices, hosts)
-    except (ConfigError, CheckpointError, AOTError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def compile_and_report(a) -> int:
+    from jaxsae.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if a.hbm_gib is not None and not a.hbm_gib > 0:
+        raise cli.UsageError(f"--hbm-gib {a.hbm_gib:g} must be positive (GiB of device memory)")
+    import jax
+
+    from jaxsae.aot import HBM_GIB, _gib, compile_steps, topology_devices, topology_name
+
+    if a.topology == "local":
+        devices, hosts, hbm = jax.devices(), jax.process_count(), a.hbm_gib
+    else:
+        devices = topology_devices(a.topology)
+        hosts = len({d.process_index for d in devices})
+        hbm = a.hbm_gib or HBM_GIB.get(topology_name(a.topology).split(":")[0])
+    steps, mesh = compile_steps(cfg, devices, hosts)
     kind = getattr(devices[0], "device_kind", devices[0].platform)
     print(f"{a.topology}: {len(devices)} x {kind} on {hosts} host(s); mesh data={mesh.shape['data']} "
           f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding}")

@@ -188,7 +188,8 @@ class ShuffledReader:
         if hasattr(self, "_stop"):
             self._stop.set()
 
-    # -- checkpointing ----------------------------------------------------------------------------
+
+    # -- where the stream is ----------------------------------------------------------------------
     @property
     def epoch(self) -> int:
         """Epoch of the first row of the next batch."""
@@ -199,26 +200,6 @@ class ShuffledReader:
         """Where the next batch starts: step, epoch and row offset within the epoch."""
         epoch, row = divmod(self.step * self.batch_size, self.n_rows)
         return {"step": self.step, "epoch": epoch, "row_in_epoch": row}
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-able state for a checkpoint; ``ShuffledReader.from_state`` resumes from it."""
-        return {**self.position, "seed": self.seed, "batch_size": self.batch_size, "n_rows": self.n_rows,
-                "process_index": self.process_index, "process_count": self.process_count,
-                "block_rows": self.block_rows, "window_blocks": self.window_blocks, "store": self.store.url}
-
-    @classmethod
-    def from_state(cls, store: ActivationStore | PathLike, state: dict[str, Any],
-                   **kwargs: Any) -> "ShuffledReader":
-        """A reader that continues exactly where the one that produced ``state`` stopped."""
-        r = cls(store, state["batch_size"], state["seed"], start_step=state["step"],
-                process_index=state["process_index"], process_count=state["process_count"],
-                block_rows=state["block_rows"], window_blocks=state["window_blocks"], **kwargs)
-        if r.n_rows != state["n_rows"]:
-            r.close()
-            raise StoreError(f"reader state is for a store with {state['n_rows']} rows for this process, but "
-                             f"{r.store.url} gives {r.n_rows}: the batch order would differ. Resume on the "
-                             "same store.")
-        return r
 
 
 class _Failure:

@@ -43,6 +43,8 @@ from typing import Any, Mapping
 import numpy as np
 import tensorstore as ts
 
+from jaxsae.errors import UserError
+
 FORMAT_VERSION = 1
 META_KEY = "meta.json"
 ARRAY_DIR = "activations/"
@@ -59,7 +61,7 @@ _REQUIRED_KEYS = ("format_version", "model", "dtype", "chunk_rows", "shard_rows"
 PathLike = str | os.PathLike | Mapping[str, Any] | ts.KvStore
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store is missing, corrupt, incomplete or does not match the requested configuration."""
 
 

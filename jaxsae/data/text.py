@@ -285,6 +285,20 @@ def make_source(spec: Mapping[str, Any]) -> TextSource:
     return cls(**kwargs)
 
 
+def check_source(spec: Mapping[str, Any]) -> None:
+    """Checks a source spec without reading any text: the kind and keys (``make_source``), that a
+    ``files`` source matches files and that an ``hf`` source has ``datasets`` installed. Raises
+    ValueError, TypeError, FileNotFoundError or ImportError naming the problem."""
+    import importlib.util
+
+    src = make_source(spec)
+    if isinstance(src, FilesSource):
+        src.files()
+    elif isinstance(src, HFDatasetSource) and importlib.util.find_spec("datasets") is None:
+        raise ImportError("kind 'hf' needs the optional 'datasets' package (pip install 'jaxsae[hub]'); offline, "
+                          "use {kind: stdlib} or {kind: files, paths: [...]}")
+
+
 # --------------------------------------------------------------------------- packing
 
 def pack_tokens(docs_token_ids: Iterable[Sequence[int]], context: int,

@@ -1,51 +1,56 @@
-"""`python -m jaxsae.eval PATH [--set key.path=value ...]`: evaluate any SAE checkpoint in its model.
+"""`python -m jaxsae.eval PATH [--config FILE] [--set key.path=value ...]`: evaluate any SAE checkpoint in its model.
 
 PATH is a run directory (its last phase), a phase directory (`runs/x/checkpoints/mse`) or one step
 (`runs/x/checkpoints/mse/500`). The model, hook layer and activation scale come from the checkpoint;
-the held-out text and its packing from the run's `config.yaml` (overridable with --set).
-Prints the metrics of `jaxsae.eval` as JSON.
+the held-out text and its packing from the run's `config.yaml` (or --config; overridable with --set).
+A checkpoint directory outside a run (an imported SAE) uses the default held-out text. A run
+directory without its config.yaml is refused rather than evaluated on another text.
+Prints the metrics of `jaxsae.eval` as JSON. User errors: one line, exit status 2, before any model loads.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-
-def find_run_config(path: Path) -> Path | None:
-    for p in [path, *path.parents]:
-        if (p / "config.yaml").exists():
-            return p / "config.yaml"
-    return None
+from jaxsae import cli
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxsae.eval", description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="python -m jaxsae.eval", description=__doc__.splitlines()[0])
     ap.add_argument("path", type=Path)
+    ap.add_argument("--config", type=Path, default=None, help="held-out text settings (default: the run's config.yaml)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     a = ap.parse_args(argv)
+    return cli.guarded(lambda: evaluate_path(a.path, a.config, a.overrides))
+
+
+def evaluate_path(path: Path, config: Path | None, overrides: list[str]) -> int:
+    from jaxsae.config import load_config
+
+    if not path.exists():
+        raise cli.UsageError(f"{path} does not exist: give a run, phase or step directory")
+    cfg = load_config(config or cli.run_config_of(path), overrides)
+    from jaxsae.train.preflight import check_sources
+
+    check_sources(cfg)
 
     import jaxsae
-    from jaxsae.config import ConfigError, load_config
+    from jaxsae.data.windows import eval_sequences
     from jaxsae.eval import evaluate
     from jaxsae.models import load_lm
-    from jaxsae.models.hf import CheckpointError
-    from jaxsae.data.windows import eval_sequences
     from jaxsae.splice import Splice
 
     try:
-        sae = jaxsae.load_sae(a.path)
-        cfg = load_config(find_run_config(a.path.absolute()), a.overrides)
-        lm = load_lm(sae.meta["model"], cfg.model.dtype)
-        seqs = eval_sequences(cfg, lm.tokenizer)
-        sp = Splice(lm, sae.meta["hook_layer"], sae.scale, cfg.data.include_first_position)
-        m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"checkpoint": str(a.path), "phase": sae.meta.get("phase"), **m}, indent=1))
+        sae = jaxsae.load_sae(path)
+    except FileNotFoundError as e:
+        raise cli.UsageError(str(e)) from None
+    lm = load_lm(sae.meta["model"], cfg.model.dtype)
+    seqs = eval_sequences(cfg, lm.tokenizer)
+    sp = Splice(lm, sae.meta["hook_layer"], sae.scale, cfg.data.include_first_position)
+    m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
+    print(json.dumps({"checkpoint": str(path), "phase": sae.meta.get("phase"), **m}, indent=1))
     return 0
 
 

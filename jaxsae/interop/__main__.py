@@ -23,9 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-
-class UsageError(Exception):
-    """A user error: printed as one line, exit status 2."""
+from jaxsae import cli
+from jaxsae.cli import UsageError
 
 
 def check_destination(out: Path, force: bool) -> None:
@@ -116,7 +115,7 @@ def replace_dir(out: Path, write) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxsae.interop", description=__doc__.splitlines()[0])
+    ap = cli.ArgumentParser(prog="python -m jaxsae.interop", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="jaxsae checkpoint -> SAELens / dictionary_learning")
     ex.add_argument("run_dir", type=Path)
@@ -133,33 +132,40 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--force", action="store_true", help="replace the contents of a non-empty OUT_DIR")
     a = ap.parse_args(argv)
 
-    try:
+    def work() -> int:
         # before anything heavy is imported or read: refusals are instant and touch nothing
         check_destination(a.out_dir, a.force)
         if a.cmd == "import":
             check_inputs(a.path, a.format)
+        else:
+            check_source_run(a.run_dir)
         sae, out = _run(a)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(out), "kind": sae.cfg.kind, "d_model": sae.cfg.d_model, "d_sae": sae.cfg.d_sae,
-                      "hook_layer": sae.meta.get("hook_layer"), "model": sae.meta.get("model")}))
-    return 0
+        print(json.dumps({"out": str(out), "kind": sae.cfg.kind, "d_model": sae.cfg.d_model,
+                          "d_sae": sae.cfg.d_sae, "hook_layer": sae.meta.get("hook_layer"),
+                          "model": sae.meta.get("model")}))
+        return 0
+
+    return cli.guarded(work)
+
+
+def check_source_run(path: Path) -> None:
+    """What export reads exists: the run, phase or step directory (and a run's config.yaml)."""
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a directory: give a jaxsae run, phase or step directory")
+    cli.run_config_of(path)
 
 
 def _run(a: argparse.Namespace):
     import yaml
 
     from jaxsae import interop
-    from jaxsae.checkpoint import CheckpointError
-    from jaxsae.eval.__main__ import find_run_config
 
     try:
         if a.cmd == "export":
             from jaxsae import load_sae
 
             sae = load_sae(a.run_dir)
-            rc_path = find_run_config(a.run_dir.absolute())
+            rc_path = cli.run_config_of(a.run_dir)
             rc = yaml.safe_load(rc_path.read_text()) if rc_path else None
             replace_dir(a.out_dir, lambda d: interop.export(sae, d, a.format, run_config=rc, model_name=a.model_name))
         else:
@@ -168,8 +174,8 @@ def _run(a: argparse.Namespace):
             model = resolve_model_path(a.model) if a.model else None  # "shipped" -> its directory
             sae = interop.load(a.path, a.format, layer=a.layer, model=model)
             replace_dir(a.out_dir, lambda d: interop.save_jaxsae(sae, d))
-    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as e:
-        raise UsageError(" ".join(str(e).split())) from None
+    except (ValueError, FileNotFoundError, ImportError) as e:  # the importers' own errors about their files
+        raise UsageError(str(e)) from None
     return sae, a.out_dir
 
 

@@ -21,8 +21,10 @@ from typing import Any, Protocol
 import flax.linen as nn
 import numpy as np
 
+from jaxsae.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the fix."""
 
 

@@ -150,6 +150,10 @@ class SafetensorsFile:
             raise CheckpointError(f"{path} is not a valid safetensors file ({e}); re-download it") from e
         self.header.pop("__metadata__", None)
         self._base = 8 + n
+        ends = [v.get("data_offsets", (0, 0))[1] for v in self.header.values() if isinstance(v, dict)]
+        if self._base + max(ends, default=0) > len(self._mm):
+            raise CheckpointError(f"{path} is truncated ({len(self._mm)} bytes, its header needs "
+                                  f"{self._base + max(ends)}): copy or download it again")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -200,7 +204,11 @@ def open_weights(path: Path) -> dict[str, SafetensorsFile | TorchBinFile]:
     """Maps every tensor name to the open file that holds it."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_bytes())["weight_map"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e}): copy or "
+                                  "download it again") from None
         files = {name: SafetensorsFile(path / name) for name in sorted(set(weight_map.values()))}
         return {k: files[v] for k, v in weight_map.items()}
     if (path / "model.safetensors").exists():

@@ -156,8 +156,24 @@ def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise hf.CheckpointError(f"{path} has no config.json; point at a directory saved with save_pretrained")
-    raw = json.loads(cfg_file.read_text())
-    return hf.parse_config(raw, str(jnp.dtype(dtype or "float32")))
+    try:
+        raw = json.loads(cfg_file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise hf.CheckpointError(f"{cfg_file} is not valid JSON ({e}): the model directory is damaged or was "
+                                 "copied in part; copy or download it again") from None
+    if not isinstance(raw, dict):
+        raise hf.CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}, not a config object: copy or "
+                                 "download it again")
+    try:
+        return hf.parse_config(raw, str(jnp.dtype(dtype or "float32")))
+    except hf.CheckpointError:
+        raise
+    except KeyError as e:
+        raise hf.CheckpointError(f"{cfg_file} lacks {e.args[0]!r}, which a {raw.get('model_type')} config needs: "
+                                 "the file is incomplete; copy or download it again") from None
+    except (TypeError, ValueError) as e:
+        raise hf.CheckpointError(f"{cfg_file} has a value jaxsae cannot use ({type(e).__name__}: {e}): copy or "
+                                 "download it again") from None
 
 
 def load_lm(path_or_hub_id: str | os.PathLike, dtype: str | None = None, shardings=None) -> LM:

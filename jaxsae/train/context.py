@@ -184,12 +184,16 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
     from jaxsae.models.shipped import resolve_model_path
+    from jaxsae.train import preflight
     from jaxsae.validate import check_against_model, sae_config
 
     run_dir, remote = split_run_dir(cfg, run_dir)
+    preflight.check_run_dir(run_dir)
+    preflight.check_sources(cfg)
     model_path = resolve_model_path(cfg.model.path)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
+    preflight.check_model_files(resolve(model_path), mcfg)
     mesh = mesh_for(cfg, jax.devices(), jax.process_count())
     model = mesh.shape["model"]
     kl_phases = [p for p in cfg.phases if p != "mse"]
@@ -200,6 +204,8 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     store_meta = None
     if cfg.store.path or remote or (run_dir / "store").exists():
         store_meta = check_store(cfg, store_path, mcfg.d_model)
+        if store_meta is not None and store_meta.get("complete"):
+            preflight.check_existing_store(store_path)
     sae_cfg, init = sae_config(cfg, mcfg.d_model), None
     if cfg.finetune.init_from:
         from jaxsae.interop import load_init
@@ -208,6 +214,7 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
             init = load_init(cfg.finetune.init_from, cfg.finetune.init_format, sae_cfg, cfg.hook.layer)
         except (ValueError, FileNotFoundError) as e:
             raise C.ConfigError(str(e)) from e
+        preflight.check_init(init)
         sae_cfg = init.cfg
     p = Plan(cfg, run_dir, remote, model_path, store_path, sae_cfg, mcfg, mesh, init)
     check_resumes(p, store_meta)

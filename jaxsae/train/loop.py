@@ -6,11 +6,13 @@ A run directory holds:
     checkpoints/<phase>/  Orbax checkpoints of each training phase (jaxsae.phases lists them)
     metrics.jsonl         one line per logged step: phase, step, tokens, losses, l0, lr, tokens/s
     eval.json             evaluation after every phase
+    run.lock              who runs in it now (`jaxsae.rundir.RunDirLock`, held for the whole run)
 
 Starting the same command again resumes: a complete store is reused, an incomplete one resumes
-collection, and each phase continues from its last checkpoint (or is skipped when finished). A
-checkpoint records everything that shapes its phase's trajectory (`trajectory`); a resume whose config
-differs in any of it stops, naming the key and the value on disk.
+collection, and each phase continues from its newest readable checkpoint (or is skipped when finished).
+A checkpoint records everything that shapes its phase's trajectory (`trajectory`); a resume whose config
+differs in any of it stops, naming the key and the value on disk. Every step's metrics are checked
+(finite, and by the divergence guard, `jaxsae.train.guard`) before its checkpoint is written.
 """
 
 from __future__ import annotations
@@ -23,36 +25,43 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from jaxsae import config as C
 from jaxsae.checkpoint import Checkpointer
+from jaxsae.rundir import append_jsonl, atomic_write_text, read_json, read_jsonl, write_jsonl
 from jaxsae.sharding import abstract_with
+from jaxsae.train.guard import Guard, TrainingError
 
-
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["TrainingError", "MetricsLog", "PhaseLoop", "StepParts", "check_resume", "run_steps", "write_eval"]
 
 
 class MetricsLog:
-    """Appends JSON lines to metrics.jsonl; on resume, drops lines past the restored step."""
+    """metrics.jsonl: one JSON line per logged step, appended (a torn last line, left by a kill, is cut
+    off first); on resume, the lines past the restored step are dropped. `guard`: the divergence guard
+    settings (config `guard:`) that every phase's steps are checked against."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, guard: C.GuardCfg = C.GuardCfg()):
         self.path = path
         self.enabled = enabled  # False on every process but the first: metrics are logged once
+        self.guard = guard
 
     def rewind(self, phase: str, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and not ((r := json.loads(line))["phase"] == phase and r["step"] > step)]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        records = read_jsonl(self.path)
+        keep = [r for r in records if not (r.get("phase") == phase and r.get("step", 0) > step)]
+        if len(keep) != len(records) or not self.path.read_bytes().endswith(b"\n"):
+            write_jsonl(self.path, keep)
+
+    def has(self, phase: str) -> bool:
+        """Whether a line of `phase` was logged already."""
+        return any(r.get("phase") == phase for r in read_jsonl(self.path))
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.enabled:
+            append_jsonl(self.path, record)
 
 
 def to_floats(tree: dict) -> dict[str, float]:
@@ -68,6 +77,7 @@ class PhaseLoop:
         self.phase, self.total, self.tps = phase, total_steps, tokens_per_step
         self.log, self.ckpt, self.every, self.log_every = log, ckpt, every, log_every
         self.start = start_step
+        self.guard = Guard(phase, log.guard, start_step)
         self.t0 = time.time()
         self.pending: tuple[int, Any] | None = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
@@ -86,7 +96,8 @@ class PhaseLoop:
         bad = [k for k, v in m.items() if not math.isfinite(v)]
         if bad:
             raise TrainingError(f"{self.phase} step {step}: {', '.join(bad)} is not finite ({m[bad[0]]}); "
-                                "lower the learning rate or check the activations' normalisation")
+                                f"lower {self.guard.phase_section()}.lr or check the activations' normalisation")
+        self.guard.check(step, m)
         elapsed = time.time() - self.t0
         rate = (step - self.start) * self.tps / max(elapsed, 1e-9)
         self.last = m
@@ -109,9 +120,14 @@ class PhaseLoop:
         if self.delay:
             time.sleep(self.delay)
         if step % self.every == 0 or step == self.total:
-            # a checkpoint is written only once its step's metrics are checked finite: a NaN is never
-            # saved, so a rerun never finds a "finished" phase that diverged at its last step
+            # a checkpoint is written only once its step's metrics are checked finite, and its params
+            # too (a step's metrics come from the params before its update): a NaN is never saved, so a
+            # rerun never finds a "finished" phase that diverged at its last step
             self._flush()
+            bad = nonfinite_params(state)
+            if bad:
+                raise TrainingError(f"{self.phase} step {step}: the updated params {bad} are not finite; lower "
+                                    f"{self.guard.phase_section()}.lr or check the activations' normalisation")
             self.ckpt.save(step, state, {**meta, "step": step, "tokens": step * self.tps})
 
     def finish(self) -> dict[str, float]:
@@ -121,13 +137,33 @@ class PhaseLoop:
         return self.last
 
 
+def nonfinite_params(state: dict) -> str:
+    """'' if every float leaf of state["params"] (and of an adapter phase's frozen SAE) is finite, else
+    the first leaf that is not, by its path."""
+    trees = {k: state[k] for k in ("params", "frozen") if k in state}
+    leaves = jax.tree_util.tree_leaves_with_path(trees)
+    ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)])
+    paths = [jax.tree_util.keystr(p) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    return next((p for p, good in zip(paths, ok) if not good), "")
+
+
+def check_eval(phase: str, metrics: dict) -> None:
+    """TrainingError naming `phase` if an evaluation metric is not finite (eval.json never holds NaN)."""
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise TrainingError(f"{phase}: evaluation gave {bad[0]}={metrics[bad[0]]} (not finite), so its SAE is "
+                            f"broken: lower {phase}'s lr, or see metrics.jsonl for where training went wrong")
+
+
 def write_eval(run_dir: Path, phase: str, metrics: dict) -> None:
+    """Adds `phase`'s metrics to eval.json (atomically; a damaged eval.json is set aside and rebuilt)."""
     if jax.process_index() != 0:  # written once
         return
+    check_eval(phase, metrics)
     path = run_dir / "eval.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_json(path, {}, recover=True)
     data[phase] = metrics
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False) + "\n")
 
 
 class StepParts(NamedTuple):
@@ -167,26 +203,43 @@ def check_resume(ckpt: Checkpointer, phase: str, trajectory: dict) -> int:
     return start
 
 
+def resume(ckpt: Checkpointer, phase: str, parts: StepParts, trajectory: dict) -> tuple[Any, int]:
+    """(state, step) of the newest checkpoint of `phase` that restores (onto this run's mesh, whatever
+    mesh wrote it) and holds finite params, or (None, 0) when there is none. Newer steps that do not are
+    reported in one line and set aside (`Checkpointer.restore_latest_readable`)."""
+    if not check_resume(ckpt, phase, trajectory):
+        return None, 0
+
+    def finite(state: Any) -> None:
+        bad = nonfinite_params(state)
+        if bad:
+            raise ValueError(f"params {bad} are not finite")
+
+    r = ckpt.restore_latest_readable(abstract_with(parts.abstract, parts.state_sh), check=finite)
+    return r.state, r.step
+
+
 def run_steps(ckpt: Checkpointer, log: MetricsLog, phase: str, parts: StepParts, fresh: Callable[[], Any],
               feed: Callable[[int], tuple], meta: dict, every: int, tokens_per_step: int) -> Any:
-    """Resumes `phase` from its last checkpoint (or starts from fresh()), runs steps start+1..total with
-    parts.step(state, *feed(step)), checkpoints and logs; returns the final state.
+    """Resumes `phase` from its newest readable checkpoint (or starts from fresh()), runs steps
+    start+1..total with parts.step(state, *feed(step)), checkpoints and logs; returns the final state.
+    A phase counts as finished only when its final checkpoint restores with finite params.
     meta: what every checkpoint records besides its step (with "trajectory", checked on resume)."""
     try:
-        start = check_resume(ckpt, phase, meta["trajectory"])
-        if start:
-            # restores onto this run's mesh, whatever mesh wrote the checkpoint
-            state, _ = ckpt.restore(abstract_with(parts.abstract, parts.state_sh), start)
-            log.rewind(phase, start)
-        else:
+        state, start = resume(ckpt, phase, parts, meta["trajectory"])
+        log.rewind(phase, start)  # drops what a killed run logged past its last checkpoint
+        if not start:
             state = fresh()
         if start >= parts.total:
             return state
         loop = PhaseLoop(phase, parts.total, tokens_per_step, log, ckpt, every, start)
-        for step in range(start + 1, parts.total + 1):
-            state, metrics = parts.step(state, *feed(step))
-            loop.after_step(step, metrics, state, meta)
-        loop.finish()
+        try:
+            for step in range(start + 1, parts.total + 1):
+                state, metrics = parts.step(state, *feed(step))
+                loop.after_step(step, metrics, state, meta)
+            loop.finish()
+        finally:
+            loop.bar.close()  # a stopped phase leaves its bar finished, before the error line
         return state
     finally:
         ckpt.close()

@@ -3,6 +3,7 @@ registry's order (`jaxsae.phases`), evaluating after each; the report at the end
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, NamedTuple
 
@@ -48,8 +49,9 @@ def collect_store(p: Plan, lm, log: MetricsLog):
                    drop_first=not cfg.data.include_first_position, norm_sample_tokens=cfg.store.norm_sample_tokens,
                    mesh=p.mesh)
     store = info.open()
-    log.write({"phase": "collect", "step": 0, "tokens": store.n_tokens, "seconds": round(time.time() - t0, 1),
-               "scale": store.scale})
+    if not log.has("collect"):  # once per run directory, not once per rerun
+        log.write({"phase": "collect", "step": 0, "tokens": store.n_tokens, "seconds": round(time.time() - t0, 1),
+                   "scale": store.scale})
     return store
 
 
@@ -57,7 +59,7 @@ def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, s
     """Evaluates `phase`'s SAE (with its adapter, if any) on the held-out text; writes eval.json."""
     from jaxsae.data.windows import eval_sequences
     from jaxsae.eval import evaluate
-    from jaxsae.train.loop import write_eval
+    from jaxsae.train.loop import check_eval, write_eval
 
     cfg = ctx.cfg
     compose = None if trained.trainable is None else adapter_of(ctx)
@@ -65,6 +67,7 @@ def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, s
                  batch=cfg.eval.batch_sequences, compose=compose, trainable=trained.trainable, mesh=ctx.mesh)
     tokens = C.phase_tokens(cfg, phase) if phase in P.NAMES else 0
     m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1), start=start)
+    check_eval(phase, m)  # on every process: a NaN stops them all
     write_eval(ctx.plan.run_dir, phase, m)
     sync_remote(ctx.plan)
     if jax.process_index() == 0:
@@ -95,18 +98,53 @@ def init_start(ctx: Context) -> Start:
     return Start("init", params, np.zeros(ctx.sae_cfg.d_sae, np.int32), m["l0"])
 
 
+@contextlib.contextmanager
+def locked(p: Plan):
+    """Holds the run directory's lock (`jaxsae.rundir.RunDirLock`: a second run there gets RunDirBusy
+    naming this one) for the whole run. Process 0 takes it; the other processes follow its outcome."""
+    from jaxsae.rundir import RunDirBusy, RunDirLock
+
+    where = p.remote or p.run_dir
+    lock, err = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = RunDirLock(where).acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the other processes know
+            err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not int(multihost_utils.broadcast_one_to_all(np.int32(err is None))) and err is None:
+            err = RunDirBusy(f"run directory {where} could not be locked by process 0 (see its error)", None)
+    if err is not None:
+        raise err
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def run(cfg: C.RunConfig, run_dir) -> dict:
-    """Runs every phase of `cfg` in `run_dir` (a local path, or a URL shared by all hosts)."""
+    """Runs every phase of `cfg` in `run_dir` (a local path, or a URL shared by all hosts): every check
+    first (`plan`), then, holding the run directory's lock, the phases."""
+    p = plan(cfg, run_dir)
+    with locked(p):
+        return run_planned(p)
+
+
+def run_planned(p: Plan) -> dict:
     from jaxsae.distributed import is_main
     from jaxsae.models import load_lm
     from jaxsae.report import write_report
+    from jaxsae.rundir import atomic_write_text
 
-    p = plan(cfg, run_dir)
+    cfg = p.cfg
     p.run_dir.mkdir(parents=True, exist_ok=True)
     sync_remote(p, down=True)  # a resumed pod run continues the metrics written before
     if is_main():
-        (p.run_dir / "config.yaml").write_text(C.dump(cfg))
-    log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main())
+        atomic_write_text(p.run_dir / "config.yaml", C.dump(cfg))
+    log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main(), guard=cfg.guard)
     lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
     ctx = Context(p, lm, collect_store(p, lm, log), log)
     starts: dict[str, Start] = {"init": init_start(ctx)} if p.init is not None else {}

@@ -1,0 +1,45 @@
+"""The tiny training run several test files share: the shipped 4-layer model, a store of 20k tokens, 100
+MSE steps and 24 fine-tune steps (about half a minute on two CPU cores), trained once per session."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def tiny_args(model: Path | str, run_dir: Path, *extra: str) -> list[str]:
+    """`python -m jaxsae.train` on configs/demo.yaml shrunk to the tiny run, into `run_dir`."""
+    return [sys.executable, "-m", "jaxsae.train", "--config", str(ROOT / "configs" / "demo.yaml"),
+            "--run-dir", str(run_dir), "--set", f"model.path={model}", "--set", "hook.layer=1",
+            "--set", "data.context=32", "--set", "store.tokens=20000", "--set", "store.batch_contexts=16",
+            "--set", "store.norm_sample_tokens=4096", "--set", "sae.d_sae=128", "--set", "sae.k=8",
+            "--set", "mse.tokens=25600", "--set", "mse.batch_size=256", "--set", "mse.warmup_steps=5",
+            "--set", "finetune.tokens=3072", "--set", "finetune.batch_sequences=4",
+            "--set", "checkpoint.every_steps=10", "--set", "eval.sequences=8", "--set", "eval.batch_sequences=4",
+            *extra]
+
+
+def run_cmd(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The shipped 4-layer pythia-stdlib: small, and trained, so zero-ablation really hurts."""
+    from jaxsae.models.shipped import SHIPPED
+
+    return SHIPPED
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model, tmp_path_factory) -> Path:
+    """A finished tiny run (mse + finetune); copy it (shutil.copytree) before changing anything in it."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    r = run_cmd(tiny_args(tiny_model, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
