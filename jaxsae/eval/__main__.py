@@ -33,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     from jaxsae.models import load_lm
     from jaxsae.models.hf import CheckpointError
     from jaxsae.data.windows import eval_sequences
-    from jaxsae.splice import Splice
+    from jaxsae.train.context import splice_for
 
     try:
         sae = jaxsae.load_sae(a.path)
         cfg = load_config(find_run_config(a.path.absolute()), a.overrides)
         lm = load_lm(sae.meta["model"], cfg.model.dtype)
         seqs = eval_sequences(cfg, lm.tokenizer)
-        sp = Splice(lm, sae.meta["hook_layer"], sae.scale, cfg.data.include_first_position)
+        sp = splice_for(cfg, lm, sae.scale, sae.meta["hook_layer"])
         m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
