@@ -218,7 +218,7 @@ def test_out_of_range_feature_exits_2_naming_d_sae(run_dir, tmp_path):
 
 
 def test_bad_requests_exit_2_before_compute(run_dir, tmp_path, capsys):
-    from jaxsae.analysis import main
+    from jaxsae.analysis.__main__ import main
 
     assert main([str(tmp_path), "--features", "1"]) == 2  # no checkpoints/
     (tmp_path / "checkpoints").mkdir()

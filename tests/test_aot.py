@@ -8,7 +8,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxsae.aot import AOTError, compile_steps, main, topology_name
+from jaxsae.aot import AOTError, compile_steps, topology_name
+from jaxsae.aot.__main__ import main
 from jaxsae.config import load_config
 
 ROOT = Path(__file__).parent.parent

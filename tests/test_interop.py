@@ -270,7 +270,7 @@ def shipped_exports(tmp_path_factory):
 
 
 def test_imported_sae_evaluates(shipped_exports, tmp_path, capsys):
-    from jaxsae.eval import main as eval_main
+    from jaxsae.eval.__main__ import main as eval_main
 
     model, sl, _ = shipped_exports
     out = interop.save_jaxsae(interop.load(sl, model=str(model)), tmp_path / "imported")

@@ -362,12 +362,13 @@ def test_matryoshka_prefix_loss_matches_a_numpy_reference(weights):
 def test_matryoshka_trains_with_the_mse_step():
     """The trainer's own step, unchanged: loss falls, the prefix loss is logged, the threshold calibrates."""
     from jaxsae.config import MSECfg
-    from jaxsae.train.mse import init_state, make_mse_step, mse_optimizer
+    from jaxsae.train.mse import init_state, make_mse_step
+    from jaxsae.train.optim import optimizer
 
     cfg, model, params = _setup("matryoshka_batchtopk", k=8, threshold_start_step=2, dead_tokens_threshold=64)
-    tx, sched = mse_optimizer(MSECfg(lr=1e-2, warmup_steps=0, decay_fraction=0.0), cfg, 30)
+    tx, sched = optimizer(MSECfg(lr=1e-2, warmup_steps=0, decay_fraction=0.0), 30, cfg)
     state = init_state(params, tx, cfg, seed=0)
-    step = make_mse_step(model, cfg, tx, sched)
+    step = make_mse_step(cfg, tx, sched)
     x = _x((64, D), seed=5) @ jnp.diag(jnp.linspace(0.2, 2.0, D))
     losses, thresholds = [], []
     for _ in range(30):
