@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import tensorstore as ts
 
-from jaxsae.data.store import (FORMAT_VERSION, ActivationStore, PathLike, StoreError, _create_array, _jsonable,
+from jaxsae.data.store import (FORMAT_VERSION, NORM, ActivationStore, PathLike, StoreError, _create_array, _jsonable,
                                _now, _np_dtype, _open_array, _open_kv, _scale, _write_meta, chunk_rows_for,
                                hook_name, open_store, read_meta, store_manifest)
 
@@ -82,7 +82,7 @@ def _identity(lm, source, tokenizer, spec: CollectSpec) -> dict[str, Any]:
         "positions": {"bos_prepended": spec.bos is not None, "dropped": list(range(spec.drop)),
                       "rows_per_context": spec.rows_per_context,
                       "padding": "none: contexts are fully packed; the trailing partial context is dropped"},
-        "tokens_target": spec.n_tokens, "norm_sample_tokens": spec.norm_sample_tokens,
+        "tokens_target": spec.n_tokens, "norm_sample_tokens": spec.norm_sample_tokens, "norm": NORM,
         "chunk_rows": spec.chunk_rows, "shard_rows": spec.shard_rows})
 
 
@@ -191,7 +191,7 @@ class _Committer:
             fut.result()
             meta.update(tokens_written=end, contexts_consumed=-(-end // spec.rows_per_context))  # contexts touched
             if meta["scale"] is None and end >= self.n_scale:
-                meta["scale"] = _scale(self.arr, self.n_scale, meta["model"]["d_model"], 4 * spec.chunk_rows)
+                meta["scale"] = _scale(self.arr, self.n_scale, 4 * spec.chunk_rows)
             _write_meta(self.kv, meta)
             if self.delay:
                 time.sleep(self.delay)
@@ -253,7 +253,7 @@ def _complete(kv, meta: dict, arr, pos: int, spec: CollectSpec) -> None:
         arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
         meta["text_exhausted"] = True
     if meta["scale"] is None:
-        meta["scale"] = _scale(arr, min(spec.norm_sample_tokens, spec.n_tokens, pos), d, 4 * spec.chunk_rows)
+        meta["scale"] = _scale(arr, min(spec.norm_sample_tokens, spec.n_tokens, pos), 4 * spec.chunk_rows)
     meta.update(complete=True, manifest=store_manifest(kv, pos))
     _write_meta(kv, meta)
 

@@ -174,6 +174,6 @@ def _finish_processes(kv, meta, arr, n_proc: int, n_shards: int, r: int) -> None
                       "to them", stacklevel=3)
         arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
     meta.update(tokens_written=pos, contexts_consumed=-(-pos // r), text_exhausted=pos < n, complete=True,
-                scale=_scale(arr, min(meta["norm_sample_tokens"], pos), d, 4 * meta["chunk_rows"]),
+                scale=_scale(arr, min(meta["norm_sample_tokens"], pos), 4 * meta["chunk_rows"]),
                 manifest=store_manifest(kv, pos))  # after the barrier: every process's shards are written
     _write_meta(kv, meta)
