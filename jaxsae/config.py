@@ -61,9 +61,13 @@ class DataCfg:
     eval_source: dict = dataclasses.field(default_factory=lambda: {"kind": "stdlib", "split": "val"})
     context: int = 128
     prepend_bos: bool = False  # start every context with BOS (Gemma); Pythia packs without one
-    # Whether position 0 counts for the MSE, the KL and evaluation (same everywhere). Position 0 of
-    # a packed context attends only to itself and has an outsized norm, so it is excluded by default.
+    # Whether position 0 counts for the MSE, the KL and evaluation (same everywhere). The paper's reference
+    # splices and scores every position (the paper configs set true); position 0 of a packed context
+    # attends only to itself and has an outsized norm, so the library default leaves it out.
     include_first_position: bool = False
+    # SAEBench's convention on top: BOS, EOS and PAD token ids are neither spliced nor counted in the KL
+    # phases and evaluation (the MSE phase still trains on every stored row)
+    exclude_special_tokens: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +107,7 @@ class MSECfg(PhaseCfg):
     schedule: Schedule = "warmup_decay"
     warmup_steps: int = 1000
     weight_decay: float = 0.0
-    clip: float = 0.0
+    clip: float = 1.0  # as every dictionary_learning trainer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +116,13 @@ class KLCfg(PhaseCfg):
 
     batch_sequences: int = 8  # paper: 8 sequences of 1024 for Pythia, 2 for Gemma
     kl_share: float = 0.5  # loss = (1 - s) MSE + s beta KL; s = 1/2 is the paper's
-    # hold L0 by nudging the L1 coefficient by l1_rate per step; None = on for the kinds that have an L1
-    # penalty (ReLU) when the phase continues a trained SAE
+    # hold L0 (measured on the window's first batch) by nudging the L1 coefficient by l1_rate per step;
+    # None = on for the kinds with an L1 penalty (ReLU) when the phase continues a trained SAE
     l1_controller: bool | None = None
-    l1_rate: float = 0.001
+    # None = sized to the window so that λ can move by up to 20x over it, as the reference's 0.1% per step
+    # does over its ~3,000 steps
+    l1_rate: float | None = None
+    auxk: bool = False  # the AuxK dead-latent loss; the reference's fine-tune has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +142,7 @@ class E2ECfg(KLCfg):
 
     tokens: int = 0  # 0 = mse.tokens + finetune.tokens, so the comparison is at equal tokens
     schedule: Schedule = "constant"  # as in the paper's baseline
+    auxk: bool = True  # a fresh SAE needs its dead latents revived, as in the MSE phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +151,8 @@ class AdapterCfg(KLCfg):
     alone it wraps the MSE SAE; listed after finetune it wraps the fine-tuned one."""
 
     kind: AdapterKind = "output"
-    rank: int | None = 16  # 0 or null = full rank (d_model); LoRA alpha = rank
+    rank: int | None = 16  # 0 or null = full rank (d_model)
+    alpha: float | None = None  # LoRA scale alpha/rank; None = 32 for sae_lora (the reference's PEFT), rank for lm_lora
     lm_layers: Literal["all", "after"] = "all"  # lm_lora: all blocks, or only those after the hook
     loss: Literal["auto", "kl", "kl_mse"] = "auto"  # auto: kl for lm_lora, else the fine-tune's kl_mse
 

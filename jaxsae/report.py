@@ -1,8 +1,10 @@
 """A run's report: a markdown table of each phase's metrics beside the paper's ranges, and a plot.
 
     python -m jaxsae.report runs/demo      (also written at the end of every training run)
+    python -m jaxsae.report runs/s0 runs/s1 runs/s2     (runs that differ only in their seeds)
 
-Writes `report.md` and `report.png` into the run directory.
+Writes `report.md` and `report.png` into the run directory; with several runs, prints every metric's
+mean ± sd over them (sample sd, n - 1).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ PAPER = {
 
 COLUMNS = [("ce_clean", "CE clean", 4), ("ce_spliced", "CE spliced", 4), ("ce_zero", "CE zero-abl.", 3),
            ("ce_gap", "CE gap", 4), ("loss_recovered", "loss recovered", 4), ("kl", "KL", 4),
-           ("fve", "FVE", 4), ("l0", "L0", 1), ("dead_fraction", "dead", 3), ("phase_tokens", "tokens", 0),
+           ("fve", "FVE", 4), ("explained_variance", "EV (SAEBench)", 4), ("l0", "L0", 1),
+           ("dead_fraction", "dead", 3), ("phase_tokens", "tokens", 0), ("phase_unique_tokens", "unique tokens", 0),
            ("phase_seconds", "seconds", 1)]
 
 
@@ -52,7 +55,9 @@ def token_offset(ev: dict, phase: str) -> int:
 
 def markdown(run_dir: Path) -> str:
     ev = json.loads((run_dir / "eval.json").read_text())
-    lines = [f"# Report: {run_dir.name}", "", "Held-out evaluation after each phase (CE in nats/token).", "",
+    positions = next((m["positions"] for m in ev.values() if "positions" in m), None)
+    lines = [f"# Report: {run_dir.name}", "", "Held-out evaluation after each phase (CE in nats/token"
+             + (f"; positions spliced and counted: {positions}" if positions else "") + ").", "",
              "| phase | " + " | ".join(c[1] for c in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for phase, m in ev.items():
@@ -129,5 +134,37 @@ def write_report(run_dir: str | Path) -> Path:
     return run_dir / "report.md"
 
 
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    if len(values) < 2:
+        return f"{values[0]:.4f}" if values else ""
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def seeds_markdown(run_dirs: list[Path]) -> str:
+    """Mean ± sd over runs (seeds) of each phase's CE gap, FVE, EV and L0, and of the share of the MSE
+    SAE's gap each phase closes (with the fine-tune's net of the control when both ran)."""
+    evs = [json.loads((Path(d) / "eval.json").read_text()) for d in run_dirs]
+    phases = [p for p in ["init", *P.NAMES] if all(p in ev for ev in evs)]
+    keys = [("ce_gap", "CE gap"), ("fve", "FVE"), ("explained_variance", "EV (SAEBench)"), ("l0", "L0"),
+            ("kl", "KL")]
+    lines = [f"Mean ± sd over {len(evs)} runs: " + ", ".join(Path(d).name for d in run_dirs), "",
+             "| phase | " + " | ".join(k[1] for k in keys) + " | gap closed vs the MSE SAE |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for p in phases:
+        cells = [_mean_sd([ev[p][k] for ev in evs if k in ev[p]]) for k, _ in keys]
+        closed = [gap_closed(ev, p) for ev in evs]
+        gap = _mean_sd([100 * g for g in closed]) + " %" if all(g is not None for g in closed) else ""
+        lines.append(f"| {p} | " + " | ".join(cells) + f" | {gap} |")
+    if "control" in phases and "finetune" in phases:
+        net = [100 * (gap_closed(ev, "finetune") - gap_closed(ev, "control")) for ev in evs]
+        lines += ["", f"KL effect net of the extra tokens (finetune - control): {_mean_sd(net)} % of the MSE SAE's gap"]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    print(write_report(sys.argv[1]).read_text())
+    if len(sys.argv) > 2:
+        print(seeds_markdown([Path(a) for a in sys.argv[1:]]))
+    else:
+        print(write_report(sys.argv[1]).read_text())

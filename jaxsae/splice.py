@@ -33,12 +33,14 @@ class Splice:
 
     lm: the `jaxsae.models.LM` (its params are passed separately, so a jit does not bake them in);
     layer: the hook (the residual after this block); scale: the store's normalisation (the SAE reads
-    x / scale); include_first: whether position 0 of a context is spliced and counted."""
+    x / scale); include_first: whether position 0 of a context is spliced and counted; exclude_ids: token
+    ids never spliced or counted (SAEBench's convention: BOS, EOS, PAD)."""
 
     lm: Any
     layer: int
     scale: float
     include_first: bool = False
+    exclude_ids: tuple[int, ...] = ()
 
 
 class Spliced(NamedTuple):
@@ -88,6 +90,8 @@ def splice(sp: Splice, lm_params, tokens: jax.Array, sae_apply: Callable, comp, 
     the caller already has it (shared by several SAEs); otherwise computed here.
     """
     mask = position_mask(tokens.shape, sp.include_first)
+    for i in sp.exclude_ids:
+        mask = mask & (tokens != i)
     x = residual(sp, lm_params, tokens) if x is None else x
     x_in = residual(sp, comp.lm_params, tokens) if comp.rerun_prefix else x
     x_hat_n, out = sae_apply(comp.sae_params, x_in.astype(jnp.float32) / sp.scale)

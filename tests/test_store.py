@@ -84,10 +84,10 @@ def test_collect_round_trip_and_metadata(lm, collected):
     assert m["tokenizer"]["vocab_size"] == 512 and m["source"]["kind"] == "stdlib"
     assert m["tokens_target"] == m["tokens_written"] == 1000 and m["complete"] is True
     assert m["contexts_consumed"] == 33  # ceil(1000 / 31): contexts whose rows are (partly) stored
-    # Scale from the first norm_sample_tokens rows: E||x/s||^2 = d_model there.
-    s = np.sqrt(np.mean(np.sum(got[:500].astype(np.float64) ** 2, axis=1)) / 32)
-    assert st.scale == pytest.approx(s, rel=1e-6)
-    assert np.mean(np.sum(st.read(0, 500, normalize=True) ** 2, axis=1)) == pytest.approx(32, rel=1e-4)
+    # Scale from the first norm_sample_tokens rows: E||x/s||^2 = 1 there (dictionary_learning's norm).
+    s = np.sqrt(np.mean(np.sum(got[:500].astype(np.float64) ** 2, axis=1)))
+    assert st.scale == pytest.approx(s, rel=1e-6) and m["norm"] == "E|x/scale|^2=1"
+    assert np.mean(np.sum(st.read(0, 500, normalize=True) ** 2, axis=1)) == pytest.approx(1, rel=1e-4)
     # Collecting again with the same arguments is a no-op on a complete store.
     again = collect(lm, 1, StdlibSource("val"), lm.tokenizer, url, n_tokens=1000, progress=False, **KW)
     assert again.n_tokens == 1000 and np.array_equal(open_store(url).read(0, 1000), got)

@@ -13,6 +13,11 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "delta":  # `python -m jaxsae.analysis delta RUN`: jaxsae.analysis.delta
+        from jaxsae.analysis.delta import main as delta_main
+
+        return delta_main(argv[1:])
     from jaxsae import cli
     from jaxsae.analysis.stream import SOURCE_HELP
 

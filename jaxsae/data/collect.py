@@ -1,20 +1,13 @@
 """Collection: an LM's residuals over a text stream into the activation store (`store.py`), resumable.
 
 One process: shards are written in row order and committed to meta.json one by one (`tokens_written`).
-
-Several processes (`jax.process_count() > 1`, each with its own devices): shard s belongs to process
-s mod P. Every process walks the same packed text stream, runs the LM (its own copy, on its own
-devices) only on the contexts of its shards, writes them, and records its progress in
-`progress/process-<p>.json`; after a barrier, process 0 measures the scale and marks the store
-complete. The rows are the same as one process would write, every row written once, and a killed
-collection resumes per process.
+Several processes: `collect_multi.py` (each process writes the shards it owns).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 import warnings
@@ -24,7 +17,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import tensorstore as ts
 
-from jaxsae.data.store import (FORMAT_VERSION, ActivationStore, PathLike, StoreError, _create_array, _jsonable,
+from jaxsae.data.store import (FORMAT_VERSION, NORM, ActivationStore, PathLike, StoreError, _create_array, _jsonable,
                                _now, _np_dtype, _open_array, _open_kv, _scale, _write_meta, chunk_rows_for,
                                hook_name, open_store, read_meta, store_manifest)
 
@@ -53,23 +46,44 @@ class StoreInfo:
         return open_store(self.url, allow_incomplete=allow_incomplete)
 
 
-def _identity(lm, layer, source, tokenizer, *, n_tokens, context, batch_contexts, dtype, bos, eos, drop,
-              norm_sample_tokens, chunk_rows, shard_rows) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class CollectSpec:
+    """How a store is collected, resolved once from `collect`'s arguments (special-token ids looked up,
+    the dropped positions and the chunk layout decided)."""
+
+    layer: int
+    n_tokens: int
+    context: int
+    batch_contexts: int
+    dtype: str
+    bos: int | None
+    eos: int | None
+    drop: int  # leading positions of each context not stored
+    norm_sample_tokens: int
+    chunk_rows: int
+    shard_rows: int
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context - self.drop
+
+
+def _identity(lm, source, tokenizer, spec: CollectSpec) -> dict[str, Any]:
     cfg = lm.config
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else tokenizer.get_vocab_size()
     return _jsonable({
         "model": {"path": str(lm.path) if lm.path is not None else None, "arch": cfg.arch,
                   "d_model": lm.d_model, "n_layers": lm.n_layers, "config": dataclasses.asdict(cfg)},
-        "layer": layer, "hook": hook_name(layer), "dtype": dtype, "context": context,
-        "batch_contexts": batch_contexts,
+        "layer": spec.layer, "hook": hook_name(spec.layer), "dtype": spec.dtype, "context": spec.context,
+        "batch_contexts": spec.batch_contexts,
         "tokenizer": {"name": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
-                      "vocab_size": vocab, "bos_id": bos, "eos_id": eos},
+                      "vocab_size": vocab, "bos_id": spec.bos, "eos_id": spec.eos},
         "source": source.describe() if hasattr(source, "describe") else {"kind": type(source).__name__},
-        "positions": {"bos_prepended": bos is not None, "dropped": list(range(drop)),
-                      "rows_per_context": context - drop,
+        "positions": {"bos_prepended": spec.bos is not None, "dropped": list(range(spec.drop)),
+                      "rows_per_context": spec.rows_per_context,
                       "padding": "none: contexts are fully packed; the trailing partial context is dropped"},
-        "tokens_target": n_tokens, "norm_sample_tokens": norm_sample_tokens,
-        "chunk_rows": chunk_rows, "shard_rows": shard_rows})
+        "tokens_target": spec.n_tokens, "norm_sample_tokens": spec.norm_sample_tokens, "norm": NORM,
+        "chunk_rows": spec.chunk_rows, "shard_rows": spec.shard_rows})
 
 
 def _check_identity(meta: Mapping[str, Any], want: Mapping[str, Any], where: str) -> None:
@@ -113,120 +127,135 @@ def collect(lm, layer: int, source, tokenizer, path: PathLike, *, n_tokens: int,
     bit-identical to an uninterrupted run, because batches are recomputed from batch boundaries);
     on a complete store it returns at once. If the text runs out first the store is truncated to
     the rows written (``text_exhausted`` in the metadata, and a warning).
+
+    drop_first decides outright whether position 0 is stored; otherwise (None) it goes only when it
+    holds a prepended BOS and drop_bos. The trainer passes drop_first from data.include_first_position.
     """
-    from tqdm.auto import tqdm
-
     import jax
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
 
-    layer = lm.check_layer(layer)
-    np_dtype = _np_dtype(dtype)
     if n_tokens < 1 or batch_contexts < 1 or shard_chunks < 1:
         raise ValueError("n_tokens, batch_contexts and shard_chunks must be >= 1")
     bos = getattr(tokenizer, "bos_token_id", None) if bos_id == "auto" else bos_id
     eos = getattr(tokenizer, "eos_token_id", None) if eos_id == "auto" else eos_id
-    # drop_first decides outright; otherwise position 0 goes only when it holds a prepended BOS.
-    # (Without BOS, position 0 of a packed context still attends only to itself and is an outlier
-    # too: the trainer passes drop_first from data.include_first_position.)
     drop = int(drop_first) if drop_first is not None else (1 if drop_bos and bos is not None else 0)
-    r = context - drop  # rows per context
-    if r < 1:
+    if context - drop < 1:
         raise ValueError(f"context={context} leaves no rows after dropping {drop} position(s)")
-    d = lm.d_model
-    chunk_rows = chunk_rows or chunk_rows_for(d, dtype)
-    shard_rows = chunk_rows * shard_chunks
-    want = _identity(lm, layer, source, tokenizer, n_tokens=n_tokens, context=context,
-                     batch_contexts=batch_contexts, dtype=dtype, bos=bos, eos=eos, drop=drop,
-                     norm_sample_tokens=norm_sample_tokens, chunk_rows=chunk_rows, shard_rows=shard_rows)
-
+    chunk_rows = chunk_rows or chunk_rows_for(lm.d_model, dtype)
+    spec = CollectSpec(lm.check_layer(layer), n_tokens, context, batch_contexts, dtype, bos, eos, drop,
+                       norm_sample_tokens, chunk_rows, chunk_rows * shard_chunks)
     kv = _open_kv(path)
+    want = _identity(lm, source, tokenizer, spec)
     if jax.process_count() > 1:
-        return _collect_processes(lm, layer, source, tokenizer, kv, want, n_tokens=n_tokens, context=context,
-                                  batch_contexts=batch_contexts, dtype=dtype, bos=bos, eos=eos, drop=drop,
-                                  overwrite=overwrite, progress=progress)
+        from jaxsae.data.collect_multi import collect_processes
+
+        return collect_processes(lm, source, tokenizer, kv, want, spec, overwrite, progress)
+    meta, arr = _begin(kv, want, spec, overwrite)
+    if not meta["complete"]:
+        pos = _write_rows(lm, source, tokenizer, kv, meta, arr, spec, progress, mesh)
+        _complete(kv, meta, arr, pos, spec)
+    return _info(kv, meta)
+
+
+def _begin(kv: ts.KvStore, want: dict, spec: CollectSpec, overwrite: bool) -> tuple[dict, Any]:
+    """(meta, array) of a new store, or of the existing one after checking it was begun like this."""
     meta = None if overwrite else read_meta(kv)
     if meta is None:
-        arr = _create_array(kv, n_tokens, d, dtype, chunk_rows, shard_rows)
+        arr = _create_array(kv, spec.n_tokens, want["model"]["d_model"], spec.dtype, spec.chunk_rows,
+                            spec.shard_rows)
         meta = {"format_version": FORMAT_VERSION, **want, "created": _now(), "tokens_written": 0,
                 "contexts_consumed": 0, "scale": None, "complete": False, "text_exhausted": False}
         _write_meta(kv, meta)
-    else:
-        _check_identity(meta, want, kv.url)
-        _check_processes(meta, 1, kv.url)
-        arr = _open_array(kv, meta)
-    done = meta["tokens_written"]  # a multiple of shard_rows, unless the final partial shard
+        return meta, arr
+    _check_identity(meta, want, kv.url)
+    _check_processes(meta, 1, kv.url)
+    return meta, _open_array(kv, meta)
 
-    def info() -> StoreInfo:
-        return _info(kv, meta)
 
-    if meta["complete"]:
-        return info()
+class _Committer:
+    """Shard writes in flight, committed to meta.json in row order as they finish, so tokens_written
+    never passes a shard that is still being written."""
 
-    n_scale = min(norm_sample_tokens, n_tokens)
-    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
-    inflight: deque[tuple[int, Any]] = deque()  # (end row, write future), oldest first
+    def __init__(self, kv, meta: dict, arr, spec: CollectSpec):
+        self.kv, self.meta, self.arr, self.spec = kv, meta, arr, spec
+        self.inflight: deque[tuple[int, Any]] = deque()  # (end row, write future), oldest first
+        self.n_scale = min(spec.norm_sample_tokens, spec.n_tokens)
+        self.delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
 
-    def commit(block: bool) -> None:
-        # In order, so tokens_written never passes a shard that is still being written.
-        while inflight and (block or inflight[0][1].done() or len(inflight) > _MAX_INFLIGHT_WRITES):
-            end, fut = inflight.popleft()
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.inflight.append((start + len(rows), self.arr[start:start + len(rows)].write(rows)))
+
+    def commit(self, block: bool) -> None:
+        meta, spec = self.meta, self.spec
+        while self.inflight and (block or self.inflight[0][1].done() or len(self.inflight) > _MAX_INFLIGHT_WRITES):
+            end, fut = self.inflight.popleft()
             fut.result()
-            meta.update(tokens_written=end, contexts_consumed=-(-end // r))  # contexts touched
-            if meta["scale"] is None and end >= n_scale:
-                meta["scale"] = _scale(arr, n_scale, d, 4 * chunk_rows)
-            _write_meta(kv, meta)
-            if delay:
-                time.sleep(delay)
+            meta.update(tokens_written=end, contexts_consumed=-(-end // spec.rows_per_context))  # contexts touched
+            if meta["scale"] is None and end >= self.n_scale:
+                meta["scale"] = _scale(self.arr, self.n_scale, 4 * spec.chunk_rows)
+            _write_meta(self.kv, meta)
+            if self.delay:
+                time.sleep(self.delay)
 
-    rows_of = _residual_rows(lm, layer, drop, np_dtype, batch_contexts, mesh)
-    per_batch = batch_contexts * r
+
+def _write_rows(lm, source, tokenizer, kv, meta: dict, arr, spec: CollectSpec, progress: bool, mesh) -> int:
+    """Runs the LM over the text after the committed rows and writes whole shards; returns the rows
+    written in all (fewer than n_tokens when the text ran out)."""
+    from tqdm.auto import tqdm
+
+    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
+
+    done, r, n = meta["tokens_written"], spec.rows_per_context, spec.n_tokens
+    rows_of = _residual_rows(lm, spec.layer, spec.drop, _np_dtype(spec.dtype), spec.batch_contexts, mesh)
+    per_batch = spec.batch_contexts * r
     b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
-
-    def batches() -> Iterator[tuple[int, Any]]:
-        contexts = iter_contexts(source, tokenizer, context, bos_id=bos, eos_id=eos,
-                                 skip_contexts=b0 * batch_contexts)
-        for toks in _batch(contexts, batch_contexts, drop_last=False):
-            yield len(toks), rows_of(toks)
-
+    contexts = iter_contexts(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos,
+                             skip_contexts=b0 * spec.batch_contexts)
+    batches = ((len(t), rows_of(t)) for t in _batch(contexts, spec.batch_contexts, drop_last=False))
+    writer = _Committer(kv, meta, arr, spec)
     skip, pos = done - b0 * per_batch, done  # pos: first row not yet handed to tensorstore
     buf: list[np.ndarray] = []
     n_buf = 0
-    bar = tqdm(total=n_tokens, initial=done, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"collect {hook_name(layer)}", dynamic_ncols=True)
+    bar = tqdm(total=n, initial=done, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"collect {hook_name(spec.layer)}", dynamic_ncols=True)
     try:
-        for n_real, out in _one_ahead(batches() if done < n_tokens else ()):
-            rows = np.asarray(out)[skip:n_real * r][:n_tokens - pos - n_buf]
+        for n_real, out in _one_ahead(batches if done < n else ()):
+            rows = np.asarray(out)[skip:n_real * r][:n - pos - n_buf]
             skip = 0
             buf.append(rows)
             n_buf += len(rows)
             bar.update(len(rows))
-            final = pos + n_buf == n_tokens
-            k = n_buf if final else n_buf // shard_rows * shard_rows
+            final = pos + n_buf == n
+            k = n_buf if final else n_buf // spec.shard_rows * spec.shard_rows
             if k:
                 x = np.concatenate(buf)
-                inflight.append((pos + k, arr[pos:pos + k].write(x[:k])))
+                writer.write(pos, x[:k])
                 pos, buf, n_buf = pos + k, [x[k:]], n_buf - k
-            commit(block=False)
+            writer.commit(block=False)
             if final:
                 break
         if n_buf:  # text ran out: write the partial last shard
-            inflight.append((pos + n_buf, arr[pos:pos + n_buf].write(np.concatenate(buf))))
+            writer.write(pos, np.concatenate(buf))
             pos += n_buf
-        commit(block=True)
+        writer.commit(block=True)
     finally:
         bar.close()
+    return pos
+
+
+def _complete(kv, meta: dict, arr, pos: int, spec: CollectSpec) -> None:
+    """Marks the store complete once every write has finished: truncation, scale, manifest."""
+    d = meta["model"]["d_model"]
     if pos == 0:
-        raise StoreError(f"the text source yielded no complete {context}-token context; use more text")
-    if pos < n_tokens:
-        warnings.warn(f"text source ran out after {pos} of {n_tokens} tokens; the store at {kv.url} "
-                      "is truncated to them", stacklevel=2)
+        raise StoreError(f"the text source yielded no complete {spec.context}-token context; use more text")
+    if pos < spec.n_tokens:
+        warnings.warn(f"text source ran out after {pos} of {spec.n_tokens} tokens; the store at {kv.url} "
+                      "is truncated to them", stacklevel=3)
         arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
         meta["text_exhausted"] = True
     if meta["scale"] is None:
-        meta["scale"] = _scale(arr, min(n_scale, pos), d, 4 * chunk_rows)
-    meta.update(complete=True, manifest=store_manifest(kv, pos))  # every write above has finished
+        meta["scale"] = _scale(arr, min(spec.norm_sample_tokens, spec.n_tokens, pos), 4 * spec.chunk_rows)
+    meta.update(complete=True, manifest=store_manifest(kv, pos))
     _write_meta(kv, meta)
-    return info()
 
 
 def _info(kv: ts.KvStore, meta: Mapping[str, Any]) -> StoreInfo:
@@ -261,141 +290,3 @@ def _residual_rows(lm, layer: int, drop: int, np_dtype, batch: int, mesh=None):
     return rows_of
 
 
-def _local_mesh(lm, batch_contexts: int):
-    """(lm on this process's devices, their data-parallel mesh): collection needs no other process."""
-    import math
-
-    import jax
-
-    from jaxsae.sharding import lm_param_shardings, make_mesh, shard
-
-    devices = jax.local_devices()
-    n = math.gcd(len(devices), batch_contexts)  # as many devices as split the batch evenly
-    mesh = make_mesh(n, 1, devices[:n])
-    local = _process_local(lm)
-    return type(local)(local.config, shard(local.params, lm_param_shardings(local.config, mesh)), local.path), mesh
-
-
-def _process_local(lm):
-    """`lm` with its params as this process's own copy: collection needs no other process."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    from jaxsae.models.lm import LM
-
-    def local(a):
-        if not isinstance(a, jax.Array) or a.is_fully_addressable:
-            return a
-        if a.is_fully_replicated:
-            return a.addressable_data(0)
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-    return LM(lm.config, jax.tree.map(local, lm.params), lm.path)
-
-
-def _read_json(kv: ts.KvStore, key: str) -> dict | None:
-    res = kv.read(key).result()
-    return json.loads(bytes(res.value).decode()) if res.state == "value" else None
-
-
-def _collect_processes(lm, layer, source, tokenizer, kv, want, *, n_tokens, context, batch_contexts, dtype,
-                       bos, eos, drop, overwrite, progress) -> StoreInfo:
-    """Collection by every process at once (see the module docstring)."""
-    from tqdm.auto import tqdm
-
-    import jax
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
-    from jaxsae.distributed import barrier
-
-    n_proc, me = jax.process_count(), jax.process_index()
-    d, r = want["model"]["d_model"], want["positions"]["rows_per_context"]
-    chunk_rows, shard_rows = want["chunk_rows"], want["shard_rows"]
-    if me == 0:
-        meta = None if overwrite else read_meta(kv)
-        if meta is None:
-            _create_array(kv, n_tokens, d, dtype, chunk_rows, shard_rows)
-            _write_meta(kv, {"format_version": FORMAT_VERSION, **want, "created": _now(), "tokens_written": 0,
-                             "contexts_consumed": 0, "scale": None, "complete": False, "text_exhausted": False,
-                             "processes": n_proc})
-    barrier("jaxsae-collect-begin")
-    meta = read_meta(kv)
-    _check_identity(meta, want, kv.url)
-    _check_processes(meta, n_proc, kv.url)
-    if meta["complete"]:
-        return _info(kv, meta)
-    arr = _open_array(kv, meta)
-
-    n_shards = -(-n_tokens // shard_rows)
-    mine = list(range(me, n_shards, n_proc))
-    key = f"progress/process-{me}.json"
-    prog = _read_json(kv, key)
-    if prog is None or prog.get("created") != meta["created"]:  # none yet, or left by an overwritten store
-        prog = {"created": meta["created"], "shards_done": 0, "text_rows": None}
-    todo = mine[prog["shards_done"]:]
-    local_lm, local_mesh = _local_mesh(lm, batch_contexts)
-    rows_of = _residual_rows(local_lm, layer, drop, _np_dtype(dtype), batch_contexts, local_mesh)
-    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard", disable=not progress or me != 0,
-               desc=f"collect {hook_name(layer)} ({n_proc} processes)", dynamic_ncols=True)
-    if todo and prog["text_rows"] is None:
-        first = todo[0] * shard_rows // r
-        stream = enumerate(iter_contexts(source, tokenizer, context, bos_id=bos, eos_id=eos,
-                                         skip_contexts=first), start=first)
-        recent: deque = deque()  # the last contexts pulled, in case the next shard starts inside them
-        for s in todo:
-            start, end = s * shard_rows, min((s + 1) * shard_rows, n_tokens)
-            c0, c1 = start // r, -(-end // r)
-            ctxs = [c for i, c in recent if i >= c0]
-            last = recent[-1][0] if recent else first - 1
-            for i, c in stream if last < c1 - 1 else ():
-                recent.append((i, c))
-                if len(recent) > 4:
-                    recent.popleft()
-                if i >= c0:
-                    ctxs.append(c)
-                if i == c1 - 1:
-                    break
-            rows = [np.asarray(rows_of(t))[:len(t) * r] for t in _batch(iter(ctxs), batch_contexts, drop_last=False)]
-            rows = np.concatenate(rows) if rows else np.zeros((0, d), _np_dtype(dtype))
-            part = rows[start - c0 * r:][:end - start]
-            if len(part):
-                arr[start:start + len(part)].write(part).result()
-            prog["shards_done"] += 1
-            if len(part) < end - start:  # the text ran out inside (or before) this shard
-                prog.update(shards_done=len(mine), text_rows=(c0 + len(ctxs)) * r)
-            kv.write(key, json.dumps(prog).encode()).result()
-            bar.update(1)
-            if delay:
-                time.sleep(delay)
-            if prog["text_rows"] is not None:
-                break
-    bar.close()
-    barrier("jaxsae-collect-written")
-    if me == 0:
-        _finish_processes(kv, meta, arr, n_proc, n_shards, r)
-    barrier("jaxsae-collect-end")
-    meta = read_meta(kv)
-    if not meta["complete"]:
-        raise StoreError(f"the text source yielded no complete {context}-token context; use more text")
-    return _info(kv, meta)
-
-
-def _finish_processes(kv, meta, arr, n_proc: int, n_shards: int, r: int) -> None:
-    """Process 0, after every process wrote its shards: truncation, scale, `complete`."""
-    n, d = meta["tokens_target"], meta["model"]["d_model"]
-    progs = [_read_json(kv, f"progress/process-{q}.json") or {} for q in range(n_proc)]
-    for q, prog in enumerate(progs):
-        owned = len(range(q, n_shards, n_proc))
-        assert prog.get("shards_done", 0) == owned, f"process {q} finished {prog.get('shards_done')} of {owned}"
-    short = [prog["text_rows"] for prog in progs if prog.get("text_rows") is not None]
-    pos = min([n, *short])
-    if pos == 0:
-        return
-    if pos < n:
-        warnings.warn(f"text source ran out after {pos} of {n} tokens; the store at {kv.url} is truncated "
-                      "to them", stacklevel=3)
-        arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
-    meta.update(tokens_written=pos, contexts_consumed=-(-pos // r), text_exhausted=pos < n, complete=True,
-                scale=_scale(arr, min(meta["norm_sample_tokens"], pos), d, 4 * meta["chunk_rows"]),
-                manifest=store_manifest(kv, pos))  # after the barrier: every process's shards are written
-    _write_meta(kv, meta)

@@ -15,8 +15,11 @@ and bumps ``tokens_written`` in meta.json only after the shard write has finishe
 Rows are the residual stream after block ``layer`` (``blocks.{layer}.hook_resid_post``) at every
 position of packed contexts except the dropped ones (position 0 when ``drop_first``, or by default
 when the packer prepends BOS and ``drop_bos``: its residual is a huge-norm outlier that says nothing about the text). Contexts are
-fully packed, so there is no padding. ``scale`` is one scalar with E||x / scale||^2 = d_model over
-the first ``norm_sample_tokens`` rows; readers multiply by 1/scale, exporters fold it back in.
+fully packed, so there is no padding. ``scale`` is one scalar with E||x / scale||^2 = 1 over the first
+``norm_sample_tokens`` rows (dictionary_learning's and SAEBench's normalisation, so an L1 coefficient
+means what it means there); readers multiply by 1/scale, exporters fold it back in. A store written
+before this convention (E||x / scale||^2 = d_model, no ``norm`` in its meta) is read with its scale
+converted.
 ``contexts_consumed`` counts the contexts with rows in the store (the last possibly in part), so a
 later phase that skips that many contexts of the same text stream never reuses this text.
 
@@ -59,6 +62,10 @@ _REQUIRED_KEYS = ("format_version", "model", "dtype", "chunk_rows", "shard_rows"
                   "tokens_written", "scale", "complete")
 
 PathLike = str | os.PathLike | Mapping[str, Any] | ts.KvStore
+
+
+# The normalisation a store's scale stands for (recorded in its meta).
+NORM = "E|x/scale|^2=1"
 
 
 class StoreError(UserError, ValueError):
@@ -307,7 +314,10 @@ class ActivationStore:
         self.n_tokens: int = meta["tokens_written"]  # committed rows; rows above are not data
         self.d_model: int = meta["model"]["d_model"]
         self.dtype: str = meta["dtype"]
-        self.scale: float | None = meta["scale"]
+        scale = meta["scale"]
+        if scale is not None and meta.get("norm") != NORM:  # written with E||x/s||^2 = d_model
+            scale *= math.sqrt(self.d_model)
+        self.scale: float | None = scale
         self.chunk_rows: int = meta["chunk_rows"]
         self.shard_rows: int = meta["shard_rows"]
         self.complete: bool = meta["complete"]
@@ -363,14 +373,14 @@ def open_store(path: PathLike, *, allow_incomplete: bool = False, verify: bool =
     return ActivationStore(kv, meta, array)
 
 
-def _scale(array: ts.TensorStore, n: int, d_model: int, block: int) -> float:
-    """s with E||x/s||^2 = d_model over stored rows [0, n) (as readers will see them), read in blocks
-    and accumulated in f64."""
+def _scale(array: ts.TensorStore, n: int, block: int) -> float:
+    """s with E||x/s||^2 = 1 over stored rows [0, n) (as readers will see them), read in blocks and
+    accumulated in f64."""
     total = 0.0
     for a in range(0, n, block):
         x = np.asarray(array[a:min(n, a + block)].read().result(), dtype=np.float64)
         total += float(np.einsum("ij,ij->", x, x))
-    return math.sqrt(total / (n * d_model)) if total > 0 else 1.0
+    return math.sqrt(total / n) if total > 0 else 1.0
 
 
 def write_array_store(path: PathLike, x: Any, *, dtype: str = "float32", chunk_rows: int | None = None,
@@ -378,7 +388,7 @@ def write_array_store(path: PathLike, x: Any, *, dtype: str = "float32", chunk_r
                       extra: Mapping[str, Any] | None = None) -> ActivationStore:
     """Writes rows ``x`` (f32[n, d_model], or anything with ``.shape`` whose row slices give arrays)
     as a complete store, shard by shard: tests, benchmarks, activations made elsewhere.
-    ``scale`` defaults to the one that gives E||x/scale||^2 = d_model over all rows."""
+    ``scale`` defaults to the one that gives E||x/scale||^2 = 1 over all rows."""
     n, d = x.shape
     chunk_rows = chunk_rows or chunk_rows_for(d, dtype)
     shard_rows = chunk_rows * shard_chunks
@@ -391,7 +401,7 @@ def write_array_store(path: PathLike, x: Any, *, dtype: str = "float32", chunk_r
     meta = {"format_version": FORMAT_VERSION, "model": {"path": None, "arch": None, "d_model": d,
             "n_layers": None}, "dtype": dtype, "chunk_rows": chunk_rows, "shard_rows": shard_rows,
             "tokens_target": n, "tokens_written": n, "complete": True, "created": _now(),
-            "scale": float(scale) if scale is not None else _scale(arr, n, d, 4 * chunk_rows),
+            "scale": float(scale) if scale is not None else _scale(arr, n, 4 * chunk_rows), "norm": NORM,
             **(extra or {}), "manifest": store_manifest(kv, n)}
     _write_meta(kv, meta)
     return open_store(kv)

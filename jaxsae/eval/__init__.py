@@ -5,8 +5,12 @@ Metrics (the paper's, see PAPER.md "Metrics"):
   replaced by the SAE reconstruction, or set to zero;
 - CE gap = spliced - clean; loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean);
 - KL(clean || spliced) per token over the full vocabulary (a true KL, not a CE offset by the entropy);
-- FVE = 1 - sum Var(x - x_hat) / sum Var(x); L0; dead fraction (latents that never fire over the
-  evaluation tokens); cosine(x, x_hat); ||x_hat|| / ||x||.
+- FVE = 1 - sum Var(x - x_hat) / sum Var(x) (dictionary_learning's); `explained_variance`, SAELens and
+  SAEBench's: the mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2, the mean taken over each
+  evaluation batch's counted tokens (so it depends on eval.batch_sequences, as theirs on their batch);
+- L0; dead fraction (latents that never fire over the evaluation tokens); cosine(x, x_hat); ||x_hat|| / ||x||;
+- `ce_zero_all` / `loss_recovered_all`: zero-ablation at every position, BOS and position 0 included
+  (SAEBench's); `ce_zero` / `loss_recovered` zero the counted positions only, like the splice.
 
 Positions: position 0 of a packed context is excluded unless `include_first_position`; it is neither
 spliced nor counted, the same rule as the MSE and the KL in training. Activations enter the SAE divided
@@ -57,13 +61,22 @@ def batch_sums(sp: Splice, lm_params, sae_cfg, sae_params, tokens, compose=None,
     ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
     xf, xh = s.x_in.astype(jnp.float32), s.x_hat_n * sp.scale
     mf = mask.astype(jnp.float32)
+    if sp.include_first and not sp.exclude_ids:  # every position counted: the two ablations agree
+        ce_zero_all, n_ce_all = ce[2], jnp.sum(mask[:, :-1])
+    else:
+        zero_all = sp.lm.suffix(jnp.zeros_like(s.x), sp.layer, params=lm_params)
+        ce_zero_all, n_ce_all = next_token_ce(zero_all, tokens, jnp.ones_like(mask))
+    sq_tok = jnp.sum((xf - xh) ** 2, -1)
+    mu = jnp.sum(xf * mf[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(mf), 1.0)
+    ev_tok = 1.0 - sq_tok / jnp.maximum(jnp.sum((xf - mu) ** 2, -1), 1e-12)
     active = (s.out.f > 0) & m3
     dot = jnp.sum(xf * xh, -1)
     nx, nh = jnp.linalg.norm(xf, axis=-1), jnp.linalg.norm(xh, axis=-1)
     return dict(
         ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=jnp.sum(mask[:, :-1]),
         kl=jnp.sum(kl_per_token(clean_l, spliced_l) * mf), n=jnp.sum(mf),
-        sq_err=jnp.sum(jnp.sum((xf - xh) ** 2, -1) * mf),
+        sq_err=jnp.sum(sq_tok * mf), ev=jnp.sum(ev_tok * mf),
+        ce_zero_all=ce_zero_all, n_ce_all=n_ce_all,
         x_sum=jnp.sum(xf * m3, axis=(0, 1)), x_sq=jnp.sum(jnp.sum(xf ** 2, -1) * mf),
         l0=jnp.sum(jnp.sum(active, -1) * mf), fired=jnp.any(active, axis=(0, 1)),
         cos=jnp.sum(dot / jnp.maximum(nx * nh, 1e-12) * mf),
@@ -90,10 +103,13 @@ def evaluate(sp: Splice, sae_cfg, sae_params, tokens: np.ndarray, batch: int = 8
             acc[k] = v if k not in acc else (acc[k] | v if k == "fired" else acc[k] + v)
     n, n_ce = float(acc["n"]), float(acc["n_ce"])
     ce_clean, ce_spliced, ce_zero = (float(acc[k]) / n_ce for k in ("ce_clean", "ce_spliced", "ce_zero"))
+    ce_zero_all = float(acc["ce_zero_all"]) / float(acc["n_ce_all"])
     total_var = float(acc["x_sq"]) - float(np.sum(acc["x_sum"] ** 2)) / n
     return dict(
         ce_clean=ce_clean, ce_spliced=ce_spliced, ce_zero=ce_zero, ce_gap=ce_spliced - ce_clean,
         loss_recovered=(ce_zero - ce_spliced) / (ce_zero - ce_clean),
+        ce_zero_all=ce_zero_all, loss_recovered_all=(ce_zero_all - ce_spliced) / (ce_zero_all - ce_clean),
+        explained_variance=float(acc["ev"]) / n,
         kl=float(acc["kl"]) / n, fve=1.0 - float(acc["sq_err"]) / total_var,
         mse_normalized=float(acc["sq_err"]) / n / sp.scale ** 2,
         l0=float(acc["l0"]) / n, dead_fraction=float(1.0 - np.mean(acc["fired"])),

@@ -40,7 +40,7 @@ def evaluate_path(path: Path, config: Path | None, overrides: list[str]) -> int:
     from jaxsae.data.windows import eval_sequences
     from jaxsae.eval import evaluate
     from jaxsae.models import load_lm
-    from jaxsae.splice import Splice
+    from jaxsae.train.context import splice_for
 
     try:
         sae = jaxsae.load_sae(path)
@@ -48,7 +48,7 @@ def evaluate_path(path: Path, config: Path | None, overrides: list[str]) -> int:
         raise cli.UsageError(str(e)) from None
     lm = load_lm(sae.meta["model"], cfg.model.dtype)
     seqs = eval_sequences(cfg, lm.tokenizer)
-    sp = Splice(lm, sae.meta["hook_layer"], sae.scale, cfg.data.include_first_position)
+    sp = splice_for(cfg, lm, sae.scale, sae.meta["hook_layer"])
     m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
     print(json.dumps({"checkpoint": str(path), "phase": sae.meta.get("phase"), **m}, indent=1))
     return 0

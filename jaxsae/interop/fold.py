@@ -1,6 +1,6 @@
 """Moving an SAE between activation scales without changing what it computes.
 
-jaxsae trains on x / s (s = the store's scale, so that E||x/s||^2 = d_model) and `LoadedSAE` divides
+jaxsae trains on x / s (s = the store's scale, so that E||x/s||^2 = 1) and `LoadedSAE` divides
 by s going in and multiplies by s coming out. SAELens and dictionary_learning files hold SAEs that act
 on raw activations. Two exact re-parametrisations move s into the weights (every kind computes
 pre = (x - b_dec) @ W_enc + b_enc, f = act(pre), x_hat = f @ W_dec + b_dec):

@@ -163,15 +163,16 @@ class OutputAdapter:
 
 
 def make_adapter(kind: str, rank: int | None, d_model: int, hook_layer: int, n_layers: int,
-                 lm_layers: str = "all", loss: str = "auto"):
-    """The compose object for the `adapter:` config section. rank 0 / None = full rank (d_model)."""
+                 lm_layers: str = "all", loss: str = "auto", alpha: float | None = None):
+    """The compose object for the `adapter:` config section. rank 0 / None = full rank (d_model).
+    alpha: the LoRA scale's numerator; None = 32 for sae_lora (the reference's PEFT setting), rank for lm_lora."""
     assert kind in KINDS and lm_layers in LM_LAYERS and loss in LOSSES, (kind, lm_layers, loss)
     r = rank or d_model
     kl_only = kind == "lm_lora" if loss == "auto" else loss == "kl"
     if kind == "lm_lora":
         layers = tuple(range(n_layers)) if lm_layers == "all" else tuple(range(hook_layer + 1, n_layers))
         assert layers, "lm_layers='after' with the hook at the last block adapts nothing"
-        return LMLoRA(layers, hook_layer, r, float(r), kl_only)
+        return LMLoRA(layers, hook_layer, r, float(r if alpha is None else alpha), kl_only)
     if kind == "sae_lora":
-        return SAELoRA(r, float(r), kl_only)
+        return SAELoRA(r, float(32.0 if alpha is None else alpha), kl_only)
     return OutputAdapter(d_model, r, kind == "output_mlp", kl_only)

@@ -73,12 +73,31 @@ class Context:
 
     @property
     def splice(self) -> Splice:
-        cfg = self.plan.cfg
-        return Splice(self.lm, cfg.hook.layer, float(self.store.scale), cfg.data.include_first_position)
+        return splice_for(self.cfg, self.lm, float(self.store.scale))
 
     def trajectory(self, phase: str) -> dict:
         """What `phase`'s checkpoints record and a resume must match (see `trajectory`)."""
         return trajectory(self.plan, phase, self.store.meta)
+
+
+def special_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's BOS, EOS and PAD ids (those it has)."""
+    ids = {getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad")}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def splice_for(cfg: C.RunConfig, lm, scale: float, layer: int | None = None) -> Splice:
+    """The run's splice: its hook, scale and position convention (data.include_first_position,
+    data.exclude_special_tokens)."""
+    exclude = special_ids(lm.tokenizer) if cfg.data.exclude_special_tokens else ()
+    return Splice(lm, cfg.hook.layer if layer is None else layer, scale, cfg.data.include_first_position, exclude)
+
+
+def positions_convention(cfg: C.RunConfig) -> str:
+    """How a run counts positions, in words (the report states it)."""
+    first = "every position (position 0 included, as the reference)" if cfg.data.include_first_position \
+        else "every position but position 0"
+    return first + ("; BOS/EOS/PAD tokens excluded (SAEBench)" if cfg.data.exclude_special_tokens else "")
 
 
 def planned_starts(cfg: C.RunConfig) -> dict[str, str | None]:

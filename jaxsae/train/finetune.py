@@ -46,12 +46,14 @@ class KLLoss:
     kl_share: s in (1 - s)·MSE + s·β·KL; ½ is the paper's, 0 the MSE-only control (no suffix runs).
     kl_only: loss = KL alone (LoRA on the LM: the MSE target moves with the LM).
     l1_controller: hold L0 at the state's l0_target by moving λ by ±l1_rate per step (ReLU SAEs).
+    auxk: the SAE's AuxK dead-latent term (the reference's fine-tune has none).
     """
 
     kl_share: float = 0.5
     kl_only: bool = False
     l1_controller: bool = False
     l1_rate: float = 0.001
+    auxk: bool = True
 
 
 def finetune_optimizer(lr: float, total_steps: int, sae_cfg: SAEConfig | None, weight_decay: float = 0.01,
@@ -116,10 +118,10 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
     loss = dataclasses.replace(loss, kl_only=kl_only)
 
     def step(state: dict, lm_params, tokens: jax.Array):
+        dead = state["dead"] if sae_trains and loss.auxk else None
         (total, aux), grads = jax.value_and_grad(
-            lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=state["dead"] if sae_trains else None,
-                                  l1_coeff=state["l1"], compose=compose, frozen=state.get("frozen")),
-            has_aux=True)(state["params"])
+            lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
+                                  compose=compose, frozen=state.get("frozen")), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = aux["out"]

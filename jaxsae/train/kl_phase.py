@@ -21,13 +21,20 @@ from jaxsae.train.loop import StepParts, run_steps
 from jaxsae.train.optim import optimizer
 
 
-def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool) -> KLLoss:
+# The reference moves λ by 0.1% per step over a ~3,000-step window: up to ~20x either way. A window of
+# another length gets the rate that allows the same range.
+CONTROLLER_RANGE = 20.0
+
+
+def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool, total_steps: int) -> KLLoss:
     """The phase's loss settings; the L1 controller (default: on for kinds with an L1 penalty) holds the
     L0 of the SAE it continues, so it is off for a fresh SAE and for a frozen one."""
     sec = C.section(cfg, phase.name)
     controller = kind_of(sae_cfg).l1_controlled if sec.l1_controller is None else sec.l1_controller
     share = sec.kl_share if phase.kl_share is None else phase.kl_share
-    return KLLoss(kl_share=share, l1_controller=controller and trains_sae and continues, l1_rate=sec.l1_rate)
+    rate = sec.l1_rate if sec.l1_rate is not None else CONTROLLER_RANGE ** (1.0 / max(total_steps, 1)) - 1.0
+    return KLLoss(kl_share=share, l1_controller=controller and trains_sae and continues, l1_rate=rate,
+                  auxk=sec.auxk)
 
 
 def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
@@ -40,9 +47,23 @@ def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compo
     tx, sched = optimizer(sec, total, sae_cfg if compose is None else None)
     abstract = jax.eval_shape(lambda: fresh(tx))
     state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
-    loss = loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, continues)
+    loss = loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, continues, total)
     step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=(state_sh, lm_sh, batch_sh))
     return StepParts(total, tx, abstract, state_sh, batch_sh, step)
+
+
+def window_l0(ctx, sae_params, tokens: np.ndarray) -> float:
+    """The SAE's mean L0 over every token of tokens: int[b, t] (the training step's own measure)."""
+    from jaxsae.sae import make_sae
+
+    module = make_sae(ctx.sae_cfg)
+
+    @jax.jit
+    def l0(lm_params, params, toks):
+        x = ctx.lm.prefix(toks, ctx.cfg.hook.layer, params=lm_params).astype(jax.numpy.float32) / ctx.splice.scale
+        return module.apply({"params": params}, x, train=True)[1].l0
+
+    return float(l0(ctx.lm.params, sae_params, tokens))
 
 
 def run_phase(ctx, phase, start):
@@ -73,6 +94,9 @@ def run_phase(ctx, phase, start):
     per = sec.batch_sequences
     skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
     seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
+    if start is not None:
+        # the L0 the controller holds is measured as it measures it: on training text, not the eval's
+        l0 = window_l0(ctx, params, seqs[:per])
 
     def feed(step: int):
         return ctx.lm.params, batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxsae import config as C
 from jaxsae import phases as P
-from jaxsae.train.context import Context, Plan, plan, sync_remote
+from jaxsae.train.context import Context, Plan, plan, positions_convention, sync_remote
 from jaxsae.train.loop import MetricsLog
 
 
@@ -66,7 +66,10 @@ def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, s
     m = evaluate(ctx.splice, ctx.sae_cfg, trained.sae_params, eval_sequences(cfg, ctx.lm.tokenizer),
                  batch=cfg.eval.batch_sequences, compose=compose, trainable=trained.trainable, mesh=ctx.mesh)
     tokens = C.phase_tokens(cfg, phase) if phase in P.NAMES else 0
-    m.update(phase_tokens=tokens, phase_seconds=round(seconds, 1), start=start)
+    # the MSE phase repeats the store's rows once its tokens outnumber them; the token windows are new text
+    unique = min(tokens, int(ctx.store.n_tokens)) if phase == "mse" else tokens
+    m.update(phase_tokens=tokens, phase_unique_tokens=unique, phase_seconds=round(seconds, 1), start=start,
+             positions=positions_convention(cfg))
     check_eval(phase, m)  # on every process: a NaN stops them all
     write_eval(ctx.plan.run_dir, phase, m)
     sync_remote(ctx.plan)
@@ -82,7 +85,7 @@ def adapter_of_cfg(cfg: C.RunConfig, d_model: int, n_layers: int):
     from jaxsae.train.adapters import make_adapter
 
     a = cfg.adapter
-    return make_adapter(a.kind, a.rank, d_model, cfg.hook.layer, n_layers, a.lm_layers, a.loss)
+    return make_adapter(a.kind, a.rank, d_model, cfg.hook.layer, n_layers, a.lm_layers, a.loss, a.alpha)
 
 
 def adapter_of(ctx: Context):
