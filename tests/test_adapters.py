@@ -102,7 +102,8 @@ def test_step_trains_only_the_adapter(lm, sae, kind, rank, lm_layers):
 
 def test_generic_gradient_with_trainable_sae_equals_the_finetune(lm, sae):
     """trainable = SAE params through an explicit identity compose gives the fine-tune's gradient; and for a
-    zero-B SAE LoRA the chain rule holds: dL/dB = Aᵀ·dL/dW (scale 1) for encoder and decoder."""
+    zero-B SAE LoRA the chain rule holds: dL/dB = (α/r)·Aᵀ·dL/dW for encoder and decoder (α = 32, the
+    reference's PEFT setting)."""
     _, _, params = sae
     tokens = _tokens(2)
     ref = jax.grad(lambda p: _loss(lm, sae, p, tokens)[0])(params)
@@ -110,10 +111,11 @@ def test_generic_gradient_with_trainable_sae_equals_the_finetune(lm, sae):
         params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), ref, generic)
     ad = _adapter(lm, "sae_lora", 3)
+    assert ad.alpha == 32.0
     trainable, _ = ad.init(jax.random.PRNGKey(4), params)
     g = jax.grad(lambda t: _loss(lm, sae, t, tokens, compose=ad, frozen=params)[0])(trainable)
     for w in ("W_enc", "W_dec"):
-        want = trainable[w]["A"].T @ ref[w]
+        want = (ad.alpha / ad.rank) * (trainable[w]["A"].T @ ref[w])
         np.testing.assert_allclose(g[w]["B"], want, rtol=2e-4, atol=1e-6 * float(jnp.abs(want).max()), err_msg=w)
 
 
@@ -166,7 +168,8 @@ def test_evaluate_with_adapter_equals_manual(lm, sae, kind, rank, lm_layers):
                     lm_p[lname] = {**lm_p[lname], mod: {**lm_p[lname][mod], w: lm_p[lname][mod][w] + jnp.tensordot(
                         ab["A"], ab["B"], axes=1)}}
     if kind == "sae_lora":
-        sae_p = {**params, **{w: params[w] + trainable[w]["A"] @ trainable[w]["B"] for w in trainable}}
+        sae_p = {**params, **{w: params[w] + ad.alpha / ad.rank * trainable[w]["A"] @ trainable[w]["B"]
+                              for w in trainable}}
     x = lm.prefix(tokens, LAYER, params=lm_p)
     x_hat = module.apply({"params": sae_p}, x / SCALE)[0]
     if kind == "output_mlp":
