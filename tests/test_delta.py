@@ -47,7 +47,7 @@ def tiny_run(tmp_path_factory) -> Path:
             "store.batch_contexts=16", "store.norm_sample_tokens=4096", "sae.d_sae=128", "sae.k=8",
             "mse.tokens=25600", "mse.batch_size=256", "mse.warmup_steps=5", "finetune.tokens=3072",
             "finetune.batch_sequences=4", "checkpoint.every_steps=10", "eval.sequences=8",
-            "eval.batch_sequences=4"]
+            "eval.batch_sequences=4", "phases=[mse, finetune]", "finetune.lr=1e-3"]  # a fine-tune that helps here
     r = _run(["-m", "jaxsae.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--run-dir", str(run_dir),
               *[a for s in sets for a in ("--set", s)]])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -46,7 +46,8 @@ def _run(gemma2_dir: Path, run_dir: Path, *extra: str, env: dict | None = None) 
             "--set", "store.norm_sample_tokens=2000", "--set", "sae.d_sae=128", "--set", "sae.k=8",
             "--set", "mse.tokens=12000", "--set", "mse.batch_size=240", "--set", "mse.warmup_steps=5",
             "--set", "finetune.tokens=960", "--set", "finetune.batch_sequences=4", "--set", "finetune.lr=1e-3",
-            "--set", "checkpoint.every_steps=20", "--set", "eval.sequences=8", *extra]
+            "--set", "checkpoint.every_steps=20", "--set", "eval.sequences=8",
+            "--set", "data.include_first_position=false", "--set", "phases=[mse, finetune]", *extra]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads((run_dir / "eval.json").read_text())

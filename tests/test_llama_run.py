@@ -48,7 +48,8 @@ def test_llama_run_collects_trains_and_fine_tunes(llama_dir, tmp_path):
             "--set", "store.batch_contexts=8", "--set", "store.norm_sample_tokens=2000", "--set", "sae.d_sae=128",
             "--set", "sae.k=8", "--set", "mse.tokens=12000", "--set", "mse.batch_size=240",
             "--set", "mse.warmup_steps=5", "--set", "finetune.tokens=960", "--set", "finetune.batch_sequences=4",
-            "--set", "finetune.lr=1e-3", "--set", "checkpoint.every_steps=20", "--set", "eval.sequences=8"]
+            "--set", "finetune.lr=1e-3", "--set", "checkpoint.every_steps=20", "--set", "eval.sequences=8",
+            "--set", "data.include_first_position=false", "--set", "phases=[mse, finetune]"]  # BOS dropped
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = open_store(run_dir / "store").meta

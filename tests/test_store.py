@@ -313,6 +313,7 @@ def test_reader_deterministic_and_resumes_at_step(index_store):
         assert all(np.array_equal(a, b) for a, b in zip(full[start:], resumed))
     r = ShuffledReader(index_store, 96, seed=5, **kw)
     assert np.array_equal(r.batch_at(17), full[17])
+    r.close()  # its prefetch thread would otherwise go on reading the shared store in the next test
 
 
 def test_reader_reads_whole_blocks_and_normalizes(index_store, monkeypatch):

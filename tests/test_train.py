@@ -27,7 +27,7 @@ _run = run_cmd
 def test_run_dir_has_everything(finished_run):
     assert (finished_run / "config.yaml").exists()
     evals = json.loads((finished_run / "eval.json").read_text())
-    assert list(evals) == ["mse", "finetune"]
+    assert list(evals) == ["mse", "control", "finetune"]  # demo.yaml runs the MSE-only control
     for ev in evals.values():
         assert ev["ce_zero"] > ev["ce_clean"] and ev["ce_spliced"] >= ev["ce_clean"] - 1e-3
         assert 0.0 < ev["fve"] <= 1.0 and abs(ev["l0"] - 8) < 1e-6
