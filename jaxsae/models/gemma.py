@@ -23,7 +23,7 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, heads_in, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, GemmaRMSNorm, attend, attention_mask, param, rotary, sqrt_in_dtype
+from jaxsae.models.layers import ACTIVATIONS, GemmaRMSNorm, attend, param, rotary, run_blocks, sqrt_in_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,13 +132,7 @@ class Gemma(nn.Module):
 
     def blocks(self, h: jax.Array, start: int, stop: int, key_valid: jax.Array | None = None) -> jax.Array:
         """Runs blocks start..stop-1 on the residual h: [b, t, D] -> [b, t, D]."""
-        masks: dict[int | None, jax.Array] = {}
-        for i in range(start, stop):
-            w = self.cfg.window(i)
-            if w not in masks:
-                masks[w] = attention_mask(h.shape[1], w, key_valid)
-            h = self.layers[i](h, masks[w])
-        return h
+        return run_blocks(self.layers, h, start, stop, key_valid, self.cfg.window)
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final norm, tied unembedding, optional final soft-cap: [b, t, D] -> logits [b, t, V]."""

@@ -116,6 +116,19 @@ def attention_mask(t: int, sliding_window: int | None = None,
     return mask
 
 
+
+def run_blocks(layers, h: jax.Array, start: int, stop: int, key_valid: jax.Array | None = None,
+               window=lambda i: None) -> jax.Array:
+    """Blocks layers[start:stop] on the residual h: [b, t, D] -> [b, t, D], with one attention mask per
+    distinct sliding window (window(i): block i's, None = full causal; Gemma 2 alternates two)."""
+    masks: dict[int | None, jax.Array] = {}
+    for i in range(start, stop):
+        w = window(i)
+        if w not in masks:
+            masks[w] = attention_mask(h.shape[1], w, key_valid)
+        h = layers[i](h, masks[w])
+    return h
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
            softcap: float | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped key/value heads.

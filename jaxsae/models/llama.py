@@ -24,7 +24,7 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, Transform, heads_in, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, attend, attention_mask, param, rotary
+from jaxsae.models.layers import ACTIVATIONS, attend, param, rotary, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,10 +185,7 @@ class Llama(nn.Module):
 
     def blocks(self, h: jax.Array, start: int, stop: int, key_valid: jax.Array | None = None) -> jax.Array:
         """Runs blocks start..stop-1 on the residual h: [b, t, D] -> [b, t, D]."""
-        mask = attention_mask(h.shape[1], None, key_valid)
-        for layer in self.layers[start:stop]:
-            h = layer(h, mask)
-        return h
+        return run_blocks(self.layers, h, start, stop, key_valid)
 
     def unembed(self, h: jax.Array) -> jax.Array:
         """Final norm and unembedding: [b, t, D] -> logits [b, t, V]."""
