@@ -30,7 +30,8 @@ def test_compiles_both_steps_on_the_local_mesh_and_the_sae_share_drops_with_the_
     by_model = {}
     for model in (1, 4):
         steps, mesh = compile_steps(_cfg(f"mesh.model={model}"), jax.devices())
-        assert [s.name for s in steps] == ["mse step", "finetune step (fused KL+MSE)"]
+        # every listed phase's own step: demo.yaml runs mse, the MSE-only control and the fine-tune
+        assert [s.name for s in steps] == ["mse step", "control step (fused KL+MSE)", "finetune step (fused KL+MSE)"]
         assert dict(mesh.shape) == {"data": 8 // model, "model": model}
         assert all(s.flops and s.flops > 0 and s.argument_bytes > 0 for s in steps)
         by_model[model] = steps[0]

@@ -50,7 +50,9 @@ def _sae_cfg(kind: str) -> SAEConfig:
 
 def _close(got, want, what):
     for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=RTOL, atol=ATOL,
+        # beta = MSE / KL is the quotient of two sums reduced over the mesh: its float32 rounding is both's
+        rtol = 2 * RTOL if "train/beta" in jax.tree_util.keystr(path) else RTOL
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=ATOL,
                                    err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
