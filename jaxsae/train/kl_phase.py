@@ -18,6 +18,7 @@ from jaxsae import config as C
 from jaxsae.sae import kind_of
 from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
 from jaxsae.train.loop import StepParts, run_steps
+from jaxsae.splice import residual
 from jaxsae.train.optim import optimizer
 
 
@@ -58,9 +59,11 @@ def window_l0(ctx, sae_params, tokens: np.ndarray) -> float:
 
     module = make_sae(ctx.sae_cfg)
 
+    sp = ctx.splice
+
     @jax.jit
     def l0(lm_params, params, toks):
-        x = ctx.lm.prefix(toks, ctx.cfg.hook.layer, params=lm_params).astype(jax.numpy.float32) / ctx.splice.scale
+        x = residual(sp, lm_params, toks).astype(jax.numpy.float32) / sp.scale
         return module.apply({"params": params}, x, train=True)[1].l0
 
     return float(l0(ctx.lm.params, sae_params, tokens))
@@ -83,20 +86,24 @@ def run_phase(ctx, phase, start):
     else:
         params, dead, l0 = start.params, start.dead, start.l0
 
-    def fresh(tx, sae_params=params, dead=dead, lm_params=ctx.lm.params):
+    def fresh(tx, sae_params=params, dead=dead, lm_params=ctx.lm.params, l0_target=l0):
         if compose is not None:
             trainable, _ = compose.init(key, sae_params, lm_params, ctx.lm.param_axes())
-            return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0, sec.seed, frozen=sae_params)
-        return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0, sec.seed)
+            return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed,
+                                 frozen=sae_params)
+        return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed)
 
     parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh, compose,
                      continues=start is not None)
     per = sec.batch_sequences
     skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
     seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
-    if start is not None:
-        # the L0 the controller holds is measured as it measures it: on training text, not the eval's
-        l0 = window_l0(ctx, params, seqs[:per])
+
+    def first_state():
+        # only for a phase that does not resume (a checkpoint carries its l0_target): the L0 the controller
+        # holds is measured as it measures it, on training text, not the eval's
+        target = l0 if start is None else window_l0(ctx, params, seqs[:per])
+        return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
         return ctx.lm.params, batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
@@ -105,10 +112,9 @@ def run_phase(ctx, phase, start):
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
             "trajectory": ctx.trajectory(phase.name)}
     # the first state is built under jit straight into its shardings (arrays as arguments, not constants)
-    first = jax.jit(lambda p, d, lp: fresh(parts.tx, p, d, lp), out_shardings=parts.state_sh)
-    state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts,
-                      lambda: first(params, dead, ctx.lm.params), feed, meta, cfg.checkpoint.every_steps,
-                      per * cfg.data.context)
+    first = jax.jit(lambda p, d, lp, t: fresh(parts.tx, p, d, lp, t), out_shardings=parts.state_sh)
+    state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, first_state, feed, meta,
+                      cfg.checkpoint.every_steps, per * cfg.data.context)
     if compose is not None:
         return Trained(state, state["frozen"], state["params"])
     return Trained(state, state["params"])
