@@ -108,6 +108,7 @@ class MSECfg(PhaseCfg):
     warmup_steps: int = 1000
     weight_decay: float = 0.0
     clip: float = 1.0  # as every dictionary_learning trainer
+    data_seed: int | None = None  # the store reader's shuffle; None = seed (a sweep shares one order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,8 @@ class RunConfig:
     checkpoint: CheckpointCfg = CheckpointCfg()
     eval: EvalCfg = EvalCfg()
     guard: GuardCfg = GuardCfg()
+    # keys that vary across SAEs trained as one program (`jaxsae.sweep`): {"sae.k": [8, 16], ...}
+    sweep: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

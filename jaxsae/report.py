@@ -129,6 +129,10 @@ def plot(run_dir: Path) -> None:
 
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
+    from jaxsae import sweep_report
+
+    if sweep_report.is_sweep(json.loads((run_dir / "eval.json").read_text())):
+        return sweep_report.write(run_dir)
     (run_dir / "report.md").write_text(markdown(run_dir))
     plot(run_dir)
     return run_dir / "report.md"

@@ -52,6 +52,9 @@ RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": None,
     "lora_rank": None,  # adapter and LoRA factors (jaxsae.train.adapters): tiny, replicated
+    # a sweep's leading SAE axis (`jaxsae.sweep`): split over `model` when its size divides the member
+    # count (each device then holds whole SAEs, and d_sae gives the axis up), else replicated
+    "sweep": "model",
 }
 
 # The LM switch (`lm_sharding`): entries that override RULES for the LM's params.
@@ -247,6 +250,23 @@ def sae_state_shardings(state: Mapping[str, Any], sae_cfg, mesh: Mesh, rules: Ma
         else:
             out[key] = jax.tree.map(lambda _: rep, value)
     return out
+
+
+def stack_shardings(tree, n: int, rules: Mapping[str, Any] = RULES):
+    """Shardings of a sweep's stacked state ([n, ...] leaves) from one member's: the leading logical axis
+    `sweep` takes its rule's mesh axes when they divide n (a member's dims then give those axes up),
+    else it is replicated and each member keeps its own layout."""
+
+    def one(sh: NamedSharding) -> NamedSharding:
+        mesh = sh.mesh
+        axes = [a for a in _mesh_axes(rules["sweep"]) if a in mesh.shape]
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or size == 1 or n % size:
+            return NamedSharding(mesh, P(None, *sh.spec))
+        inner = [None if set(_mesh_axes(a)) & set(axes) else a for a in sh.spec]
+        return NamedSharding(mesh, P(axes[0] if len(axes) == 1 else tuple(axes), *inner))
+
+    return jax.tree.map(one, tree)
 
 
 # -------------------------------------------------------------------------------------- LM params

@@ -69,6 +69,15 @@ def position_mask(shape: tuple[int, int], include_first: bool) -> jax.Array:
     return m if include_first else m.at[:, 0].set(False)
 
 
+def counted_mask(sp: Splice, tokens: jax.Array) -> jax.Array:
+    """bool[b, t]: the positions of tokens int[b, t] that are spliced and counted (position convention and
+    excluded ids)."""
+    mask = position_mask(tokens.shape, sp.include_first)
+    for i in sp.exclude_ids:
+        mask = mask & (tokens != i)
+    return mask
+
+
 def kl_per_token(clean_logits: jax.Array, spliced_logits: jax.Array) -> jax.Array:
     """KL(p_clean || p_spliced) in nats, f32[b, t], over the full vocabulary (a true KL, not a CE)."""
     lp = jax.nn.log_softmax(clean_logits.astype(jnp.float32), axis=-1)
@@ -89,9 +98,7 @@ def splice(sp: Splice, lm_params, tokens: jax.Array, sae_apply: Callable, comp, 
     what the spliced branch runs; `identity_composition` for a plain SAE). x: the original residual when
     the caller already has it (shared by several SAEs); otherwise computed here.
     """
-    mask = position_mask(tokens.shape, sp.include_first)
-    for i in sp.exclude_ids:
-        mask = mask & (tokens != i)
+    mask = counted_mask(sp, tokens)
     x = residual(sp, lm_params, tokens) if x is None else x
     x_in = residual(sp, comp.lm_params, tokens) if comp.rerun_prefix else x
     x_hat_n, out = sae_apply(comp.sae_params, x_in.astype(jnp.float32) / sp.scale)

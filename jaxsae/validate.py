@@ -48,6 +48,10 @@ def check_static(cfg: RunConfig) -> None:
         cfg.sae.validate(require_d_model=False)  # kind, k <= d_sae, penalties
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    if cfg.sweep:
+        from jaxsae.sweep import check
+
+        check(cfg)
 
 
 def check_phase_section(cfg: RunConfig, phase: str) -> None:

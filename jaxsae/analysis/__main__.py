@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--left", type=int, default=12, help="tokens shown before the peak (default 12)")
     ap.add_argument("--right", type=int, default=4, help="tokens shown after the peak (default 4)")
     ap.add_argument("--batch", type=int, default=8, help="contexts per forward pass (default 8)")
+    ap.add_argument("--sae", default=None, metavar="NAME", help="a sweep's SAE, by name (e.g. k16-s0)")
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     a = ap.parse_args(argv)
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxsae.analysis.pipeline import Request, analyze, check
 
         req = Request(a.run_dir, tuple(a.features), a.source, a.tokens, a.top, a.fmt, a.out, a.left, a.right,
-                      a.batch, progress=a.progress)
+                      a.batch, progress=a.progress, sae=a.sae)
         check(req)  # fail fast, before loading anything
         print(analyze(req))
         return 0

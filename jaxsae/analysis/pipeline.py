@@ -33,6 +33,7 @@ class Request:
     batch: int = 8  # contexts per forward pass
     logits: int = 10  # tokens listed per sign of the logit effect
     progress: bool = True
+    sae: str | None = None  # a sweep's member (its name, e.g. k16-s0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,10 @@ def analyze(req: Request) -> Path:
 
     ck = check(req)
     lm = load_lm(ck.info.model_path, ck.info.cfg.model.dtype)
-    sae = load_sae(ck.info.checkpoint)
+    try:
+        sae = load_sae(ck.info.checkpoint, req.sae)
+    except ValueError as e:
+        raise AnalysisError(str(e)) from None
     if sae.cfg.d_model != lm.d_model:
         raise AnalysisError(f"the SAE reads d_model={sae.cfg.d_model} but the model {ck.info.model_path} has "
                             f"d_model={lm.d_model}: the run's model has changed")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae.splice import Splice, branch_logits, kl_per_token, splice
+from jaxsae.splice import Splice, branch_logits, counted_mask, kl_per_token, residual, splice
 
 
 def next_token_ce(logits: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -57,15 +57,25 @@ def batch_sums(sp: Splice, lm_params, sae_cfg, sae_params, tokens, compose=None,
             else compose(trainable, sae_params, lm_params))
     s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=False), comp)
     clean_l, spliced_l, zero_l = branch_logits(sp, lm_params, comp, s, zero=True, joint=True)
+    return member_sums(sp, tokens, s, clean_l, spliced_l, zero_l, zero_all_ce(sp, lm_params, tokens, s.x, zero_l))
+
+
+def zero_all_ce(sp: Splice, lm_params, tokens, x, zero_l) -> tuple[jax.Array, jax.Array]:
+    """(CE sum, count) with the hook zeroed at every position (SAEBench's); the counted-positions
+    ablation's own when every position counts."""
+    mask = counted_mask(sp, tokens)
+    if sp.include_first and not sp.exclude_ids:  # every position counted: the two ablations agree
+        return next_token_ce(zero_l, tokens, mask)[0], jnp.sum(mask[:, :-1])
+    zero_all = sp.lm.suffix(jnp.zeros_like(x), sp.layer, params=lm_params)
+    return next_token_ce(zero_all, tokens, jnp.ones_like(mask))
+
+
+def member_sums(sp: Splice, tokens, s, clean_l, spliced_l, zero_l, zero_all: tuple) -> dict:
+    """The sums of one SAE's metrics given its splice `s` and the branches' logits."""
     mask, m3 = s.mask, s.mask[..., None]
     ce = [next_token_ce(lg, tokens, mask)[0] for lg in (clean_l, spliced_l, zero_l)]
     xf, xh = s.x_in.astype(jnp.float32), s.x_hat_n * sp.scale
     mf = mask.astype(jnp.float32)
-    if sp.include_first and not sp.exclude_ids:  # every position counted: the two ablations agree
-        ce_zero_all, n_ce_all = ce[2], jnp.sum(mask[:, :-1])
-    else:
-        zero_all = sp.lm.suffix(jnp.zeros_like(s.x), sp.layer, params=lm_params)
-        ce_zero_all, n_ce_all = next_token_ce(zero_all, tokens, jnp.ones_like(mask))
     sq_tok = jnp.sum((xf - xh) ** 2, -1)
     mu = jnp.sum(xf * mf[..., None], axis=(0, 1)) / jnp.maximum(jnp.sum(mf), 1.0)
     ev_tok = 1.0 - sq_tok / jnp.maximum(jnp.sum((xf - mu) ** 2, -1), 1e-12)
@@ -76,7 +86,7 @@ def batch_sums(sp: Splice, lm_params, sae_cfg, sae_params, tokens, compose=None,
         ce_clean=ce[0], ce_spliced=ce[1], ce_zero=ce[2], n_ce=jnp.sum(mask[:, :-1]),
         kl=jnp.sum(kl_per_token(clean_l, spliced_l) * mf), n=jnp.sum(mf),
         sq_err=jnp.sum(sq_tok * mf), ev=jnp.sum(ev_tok * mf),
-        ce_zero_all=ce_zero_all, n_ce_all=n_ce_all,
+        ce_zero_all=zero_all[0], n_ce_all=zero_all[1],
         x_sum=jnp.sum(xf * m3, axis=(0, 1)), x_sq=jnp.sum(jnp.sum(xf ** 2, -1) * mf),
         l0=jnp.sum(jnp.sum(active, -1) * mf), fired=jnp.any(active, axis=(0, 1)),
         cos=jnp.sum(dot / jnp.maximum(nx * nh, 1e-12) * mf),
@@ -84,23 +94,40 @@ def batch_sums(sp: Splice, lm_params, sae_cfg, sae_params, tokens, compose=None,
     )
 
 
-def evaluate(sp: Splice, sae_cfg, sae_params, tokens: np.ndarray, batch: int = 8, lm_params: Any = None,
-             compose=None, trainable: Any = None, mesh=None) -> dict[str, float]:
-    """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required).
-    compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`).
-    mesh: split each batch over the mesh's data axis (without, a numpy batch is replicated: every
-    device would evaluate all of it)."""
-    from jaxsae.sharding import batch_from_global, batch_sharding
+def sweep_sums(sp: Splice, lm_params, sae_cfg, stacked, tokens, ks) -> dict:
+    """`batch_sums` of a sweep's N SAEs (stacked params, ks: i32[N] each one's k), every sum with a
+    leading N: the prefix, the clean and the zero-ablated suffixes run once for all of them."""
+    from jaxsae.sae import make_sae
+    from jaxsae.train.adapters import identity_composition
 
-    place = jnp.asarray if mesh is None else functools.partial(batch_from_global, sharding=batch_sharding(mesh))
-    step = _jit_sums(sp, sae_cfg, compose)
-    lm_params = sp.lm.params if lm_params is None else lm_params
+    module = make_sae(sae_cfg)
+    x = residual(sp, lm_params, tokens)
+    mask = counted_mask(sp, tokens)
+    both = sp.lm.suffix(jnp.concatenate([x, jnp.where(mask[..., None], jnp.zeros_like(x), x)]), sp.layer,
+                        params=lm_params)
+    clean_l, zero_l = jnp.split(both, 2)
+    zero_all = zero_all_ce(sp, lm_params, tokens, x, zero_l)
+
+    def one(params, k):
+        comp = identity_composition(params, lm_params)
+        s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=False, k=k), comp, x=x)
+        _, spliced_l, _ = branch_logits(sp, lm_params, comp, s, clean=False)
+        return member_sums(sp, tokens, s, clean_l, spliced_l, zero_l, zero_all)
+
+    return jax.vmap(one)(stacked, ks)
+
+
+def _accumulate(step, tokens: np.ndarray, batch: int, place) -> dict:
     acc: dict[str, Any] = {}
-    n_batches = max(1, len(tokens) // batch)
-    for i in range(n_batches):
-        out = jax.device_get(step(lm_params, sae_params, place(tokens[i * batch:(i + 1) * batch]), trainable))
+    for i in range(max(1, len(tokens) // batch)):
+        out = jax.device_get(step(place(tokens[i * batch:(i + 1) * batch])))
         for k, v in out.items():
             acc[k] = v if k not in acc else (acc[k] | v if k == "fired" else acc[k] + v)
+    return acc
+
+
+def _metrics(acc: dict, scale: float) -> dict[str, float]:
+    """The metrics from one SAE's accumulated sums."""
     n, n_ce = float(acc["n"]), float(acc["n_ce"])
     ce_clean, ce_spliced, ce_zero = (float(acc[k]) / n_ce for k in ("ce_clean", "ce_spliced", "ce_zero"))
     ce_zero_all = float(acc["ce_zero_all"]) / float(acc["n_ce_all"])
@@ -111,10 +138,43 @@ def evaluate(sp: Splice, sae_cfg, sae_params, tokens: np.ndarray, batch: int = 8
         ce_zero_all=ce_zero_all, loss_recovered_all=(ce_zero_all - ce_spliced) / (ce_zero_all - ce_clean),
         explained_variance=float(acc["ev"]) / n,
         kl=float(acc["kl"]) / n, fve=1.0 - float(acc["sq_err"]) / total_var,
-        mse_normalized=float(acc["sq_err"]) / n / sp.scale ** 2,
+        mse_normalized=float(acc["sq_err"]) / n / scale ** 2,
         l0=float(acc["l0"]) / n, dead_fraction=float(1.0 - np.mean(acc["fired"])),
         cos=float(acc["cos"]) / n, norm_ratio=float(acc["norm_ratio"]) / n, eval_tokens=int(n),
     )
+
+
+def _placer(mesh):
+    from jaxsae.sharding import batch_from_global, batch_sharding
+
+    return jnp.asarray if mesh is None else functools.partial(batch_from_global, sharding=batch_sharding(mesh))
+
+
+def evaluate(sp: Splice, sae_cfg, sae_params, tokens: np.ndarray, batch: int = 8, lm_params: Any = None,
+             compose=None, trainable: Any = None, mesh=None) -> dict[str, float]:
+    """Metrics over held-out sequences tokens: int[n, t] (n a multiple of batch is not required).
+    compose, trainable: evaluate the model with that adapter (`jaxsae.train.adapters`).
+    mesh: split each batch over the mesh's data axis (without, a numpy batch is replicated: every
+    device would evaluate all of it)."""
+    step = _jit_sums(sp, sae_cfg, compose)
+    lm_params = sp.lm.params if lm_params is None else lm_params
+    acc = _accumulate(lambda toks: step(lm_params, sae_params, toks, trainable), tokens, batch, _placer(mesh))
+    return _metrics(acc, sp.scale)
+
+
+def evaluate_sweep(sp: Splice, sae_cfg, stacked, ks, tokens: np.ndarray, batch: int = 8, lm_params: Any = None,
+                   mesh=None) -> list[dict[str, float]]:
+    """`evaluate` of a sweep's N SAEs at once (stacked params, ks: each one's k): one metrics dict each."""
+    step = _jit_sweep_sums(sp, sae_cfg)
+    lm_params = sp.lm.params if lm_params is None else lm_params
+    ks = jnp.asarray(ks)
+    acc = _accumulate(lambda toks: step(lm_params, stacked, toks, ks), tokens, batch, _placer(mesh))
+    return [_metrics({k: v[i] for k, v in acc.items()}, sp.scale) for i in range(len(ks))]
+
+
+@functools.lru_cache(maxsize=8)
+def _jit_sweep_sums(sp: Splice, sae_cfg):
+    return jax.jit(lambda lm_params, stacked, tokens, ks: sweep_sums(sp, lm_params, sae_cfg, stacked, tokens, ks))
 
 
 @functools.lru_cache(maxsize=8)

@@ -21,12 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = cli.ArgumentParser(prog="python -m jaxsae.eval", description=__doc__.splitlines()[0])
     ap.add_argument("path", type=Path)
     ap.add_argument("--config", type=Path, default=None, help="held-out text settings (default: the run's config.yaml)")
+    ap.add_argument("--sae", default=None, metavar="NAME", help="a sweep's SAE, by name (e.g. k16-s0)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     a = ap.parse_args(argv)
-    return cli.guarded(lambda: evaluate_path(a.path, a.config, a.overrides))
+    return cli.guarded(lambda: evaluate_path(a.path, a.config, a.overrides, a.sae))
 
 
-def evaluate_path(path: Path, config: Path | None, overrides: list[str]) -> int:
+def evaluate_path(path: Path, config: Path | None, overrides: list[str], name: str | None = None) -> int:
     from jaxsae.config import load_config
 
     if not path.exists():
@@ -43,14 +44,15 @@ def evaluate_path(path: Path, config: Path | None, overrides: list[str]) -> int:
     from jaxsae.train.context import splice_for
 
     try:
-        sae = jaxsae.load_sae(path)
-    except FileNotFoundError as e:
+        sae = jaxsae.load_sae(path, name)
+    except (FileNotFoundError, ValueError) as e:
         raise cli.UsageError(str(e)) from None
     lm = load_lm(sae.meta["model"], cfg.model.dtype)
     seqs = eval_sequences(cfg, lm.tokenizer)
     sp = splice_for(cfg, lm, sae.scale, sae.meta["hook_layer"])
     m = evaluate(sp, sae.cfg, sae.params, seqs, batch=cfg.eval.batch_sequences)
-    print(json.dumps({"checkpoint": str(path), "phase": sae.meta.get("phase"), **m}, indent=1))
+    print(json.dumps({"checkpoint": str(path), "phase": sae.meta.get("phase"),
+                      **({"sae": name} if name else {}), **m}, indent=1))
     return 0
 
 

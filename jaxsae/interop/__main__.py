@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("run_dir", type=Path)
     ex.add_argument("out_dir", type=Path)
     ex.add_argument("--format", required=True, choices=("saelens", "dictionary_learning"))
+    ex.add_argument("--sae", default=None, metavar="NAME", help="a sweep's SAE, by name (e.g. k16-s0)")
     ex.add_argument("--model-name", help="model name to record (default: the checkpoint's model path)")
     im = sub.add_parser("import", help="SAELens / dictionary_learning -> jaxsae checkpoint")
     im.add_argument("path", type=Path)
@@ -164,7 +165,7 @@ def _run(a: argparse.Namespace):
         if a.cmd == "export":
             from jaxsae import load_sae
 
-            sae = load_sae(a.run_dir)
+            sae = load_sae(a.run_dir, a.sae)
             rc_path = cli.run_config_of(a.run_dir)
             rc = yaml.safe_load(rc_path.read_text()) if rc_path else None
             replace_dir(a.out_dir, lambda d: interop.export(sae, d, a.format, run_config=rc, model_name=a.model_name))

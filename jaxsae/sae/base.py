@@ -77,6 +77,14 @@ def unit_rows(key: jax.Array, shape, dtype=jnp.float32, norm: float = 1.0) -> ja
     return w.astype(dtype)
 
 
+def keep_first(vals: jax.Array, k) -> jax.Array:
+    """vals [..., K] (sorted descending, as lax.top_k returns them) with entries past the first k zeroed:
+    the top-k of a top-K, for a traced k <= K. k=None keeps all."""
+    if k is None:
+        return vals
+    return jnp.where(jnp.arange(vals.shape[-1]) < k, vals, jnp.zeros((), vals.dtype))
+
+
 def scatter_rows(shape, idx: jax.Array, vals: jax.Array) -> jax.Array:
     """Dense f32[N, S] with vals[n, j] written at column idx[n, j] of row n.
 
@@ -171,9 +179,10 @@ class SAEBase(nn.Module):
         """f32[N, S] -> f32[N, S] latent activations."""
         raise NotImplementedError
 
-    def activate_sparse(self, pre: jax.Array, train: bool):
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
         """(f f32[N, S], (idx i32[N, k], vals f32[N, k]) or None): the activations and, for kinds with
-        a fixed k per token, the active latents, which `sae.decode=sparse` decodes from."""
+        a fixed k per token, the active latents, which `sae.decode=sparse` decodes from.
+        k: a (traced) k <= cfg.k for the fixed-k kinds (a sweep's member); None: cfg.k."""
         return self.activate(pre, train), None
 
     def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff) -> dict[str, jax.Array]:
@@ -225,7 +234,7 @@ class SAEBase(nn.Module):
         return out + self.b_dec
 
     def __call__(self, x: jax.Array, dead: jax.Array | None = None, train: bool = True,
-                 l1_coeff=None):
+                 l1_coeff=None, k=None):
         """Full forward pass for training.
 
         Args:
@@ -234,13 +243,15 @@ class SAEBase(nn.Module):
           train: training mode (batchtopk kinds: batch-wide top-k).
           l1_coeff: optional (traced) override of cfg.l1_coeff, e.g. from
             `l1_coeff_at(step, cfg)`; only relu uses it.
+          k: optional (traced) i32[] <= cfg.k: the topk kinds keep only their top k (a sweep's
+            members share one program built at the largest k; `jaxsae.sweep`).
         Returns:
           x_hat: f32[..., d_model], SAEOutput.
         """
         lead = x.shape[:-1]
         x2 = self._flat(x).astype(jnp.float32)
         pre = self.pre_acts(x2)
-        f, active_rows = self.activate_sparse(pre, train)
+        f, active_rows = self.activate_sparse(pre, train, k)
         x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
                  else self.decode(f))
         penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff)

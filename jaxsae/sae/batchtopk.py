@@ -31,18 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsae.sae.base import SAEBase
+from jaxsae.sae.base import keep_first
 from jaxsae.sae.config import SAEConfig
 from jaxsae.sae.topk import TopKSAE
 
 UNCALIBRATED = -1.0
 
 
-def batch_topk_activation(pre: jax.Array, k: int) -> jax.Array:
-    """f32[N, S] -> f32[N, S] keeping the top k*N ReLU'd entries of the batch."""
+def batch_topk_activation(pre: jax.Array, k: int, k_active=None) -> jax.Array:
+    """f32[N, S] -> f32[N, S] keeping the top k*N ReLU'd entries of the batch (k_active*N of them with a
+    traced k_active <= k: a sweep's member in a program built at the largest k)."""
     n, s = pre.shape
     flat = jax.nn.relu(pre).reshape(-1)
     vals, idx = jax.lax.top_k(flat, min(k * n, n * s))
+    vals = vals if k_active is None else keep_first(vals, jnp.minimum(k_active * n, n * s))
     return jnp.zeros_like(flat).at[idx].set(vals).reshape(n, s)
 
 
@@ -98,5 +100,8 @@ class BatchTopKSAE(TopKSAE):
         thr = jnp.maximum(jax.lax.stop_gradient(self.threshold), 0.0)
         return jnp.where(pre > thr, pre, 0.0)
 
-    # Tokens have no fixed k: no per-token rows for a sparse decoder (TopKSAE's would be per-token top-k).
-    activate_sparse = SAEBase.activate_sparse
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
+        # Tokens have no fixed k: no per-token rows for a sparse decoder (TopKSAE's would be per-token top-k).
+        if train and k is not None:
+            return batch_topk_activation(pre, self.cfg.k, k), None
+        return self.activate(pre, train), None

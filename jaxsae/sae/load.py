@@ -54,11 +54,31 @@ def checkpoint_dir(path: Path):
     raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint directory")
 
 
-def load_sae(path: str | Path) -> LoadedSAE:
+def sweep_names(meta: dict) -> list[str]:
+    """The member names of a sweep's checkpoint ([] for one SAE's)."""
+    return [m["name"] for m in meta.get("sweep", [])]
+
+
+def load_sae(path: str | Path, name: str | None = None) -> LoadedSAE:
+    """The SAE of a run dir (its last phase's), a phase dir or a step dir. A sweep's checkpoints hold
+    every member stacked: `name` (e.g. "k16-s0") picks one, with its own config (its k)."""
     from jaxsae.checkpoint import Checkpointer
 
     d, step = checkpoint_dir(Path(path))
     state, meta = Checkpointer(d).restore_raw(step)
-    cfg = SAEConfig(**meta["sae"])
-    params = {k: jnp.asarray(np.asarray(v)) for k, v in state["params"].items()}
+    names = sweep_names(meta)
+    if names and name is None:
+        raise ValueError(f"{path} holds a sweep of {len(names)} SAEs ({', '.join(names)}): name one of them "
+                         f"(load_sae(path, name), or --sae NAME)")
+    if name is not None and name not in names:
+        raise ValueError(f"{path} holds no SAE named {name!r}: " + (f"its sweep has {', '.join(names)}" if names
+                                                                     else "it is a single SAE (leave the name out)"))
+    if names:
+        i = names.index(name)
+        cfg = SAEConfig(**meta["sweep"][i]["sae"])
+        params = {k: jnp.asarray(np.asarray(v)[i]) for k, v in state["params"].items()}
+        meta = {**meta, "sae": meta["sweep"][i]["sae"], "sae_name": name}
+    else:
+        cfg = SAEConfig(**meta["sae"])
+        params = {k: jnp.asarray(np.asarray(v)) for k, v in state["params"].items()}
     return LoadedSAE(cfg, params, float(meta["scale"]), meta)

@@ -16,16 +16,17 @@ from jaxsae.sae.base import SAEBase
 from jaxsae.sae.config import SAEConfig
 
 
-def l1_coeff_at(step, cfg: SAEConfig):
-    """f32[]: linear warm-up 0 -> cfg.l1_coeff over cfg.l1_warmup_steps.
+def l1_coeff_at(step, cfg: SAEConfig, coeff=None):
+    """f32[]: linear warm-up 0 -> coeff (default cfg.l1_coeff) over cfg.l1_warmup_steps.
 
-    `step` may be a traced integer; pass the result as `l1_coeff=` to
-    `ReLUSAE.__call__`.
+    `step` and `coeff` may be traced (a sweep's per-SAE coefficient); pass the result as `l1_coeff=`
+    to `ReLUSAE.__call__`.
     """
+    coeff = cfg.l1_coeff if coeff is None else coeff
     if cfg.l1_warmup_steps <= 0:
-        return jnp.asarray(cfg.l1_coeff, jnp.float32)
+        return jnp.asarray(coeff, jnp.float32)
     frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.l1_warmup_steps, 1.0)
-    return cfg.l1_coeff * frac
+    return coeff * frac
 
 
 class ReLUSAE(SAEBase):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsae.sae.base import SAEBase, auxk_loss, scatter_rows
+from jaxsae.sae.base import SAEBase, auxk_loss, keep_first, scatter_rows
 
 
 def topk_activation(pre: jax.Array, k: int) -> jax.Array:
@@ -35,9 +35,9 @@ class TopKSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return topk_activation(pre, self.cfg.k)
 
-    def activate_sparse(self, pre: jax.Array, train: bool):
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
         vals, idx = jax.lax.top_k(pre, self.cfg.k)
-        vals = jax.nn.relu(vals)
+        vals = keep_first(jax.nn.relu(vals), k)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
     def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):

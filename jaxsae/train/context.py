@@ -79,6 +79,27 @@ class Context:
         """What `phase`'s checkpoints record and a resume must match (see `trajectory`)."""
         return trajectory(self.plan, phase, self.store.meta)
 
+    @property
+    def members(self) -> tuple:
+        """The sweep's members (`jaxsae.sweep.Member`); () for a run of one SAE."""
+        from jaxsae.sweep import members
+
+        return members(self.cfg)
+
+    @property
+    def member_names(self) -> list[str] | None:
+        return [m.name for m in self.members] or None
+
+    def sweep_meta(self) -> dict:
+        """What a sweep's checkpoints record so that `load_sae(run, name)` can take one SAE out:
+        {"sweep": [{"name", "sae": its own SAE config}, ...]} ({} without a sweep)."""
+        from jaxsae.sweep import member_sae
+
+        if not self.members:
+            return {}
+        return {"sweep": [{"name": m.name, "sae": dataclasses.asdict(member_sae(self.sae_cfg, m)),
+                           "values": {k: v for k, v in m.values}} for m in self.members]}
+
 
 def special_ids(tokenizer) -> tuple[int, ...]:
     """The tokenizer's BOS, EOS and PAD ids (those it has)."""
@@ -124,6 +145,10 @@ def trajectory(plan: Plan, phase: str, store_meta: dict | None) -> dict:
     sae.pop("decode")  # only how x_hat is computed, not what
     out = {p.section: sec, "sae": sae, "hook": {"layer": cfg.hook.layer}, "data": data,
            "model": {"path": plan.model_path, "dtype": cfg.model.dtype}, "start": planned_starts(cfg)[phase]}
+    if cfg.sweep:
+        from jaxsae.sweep import members
+
+        out["sweep"] = [m.name for m in members(cfg)]
     if store_meta is not None and store_meta.get("complete"):
         out["store"] = {"tokens": int(store_meta["tokens_written"]), "scale": float(store_meta["scale"])}
     return out
@@ -235,6 +260,10 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
             raise C.ConfigError(str(e)) from e
         preflight.check_init(init)
         sae_cfg = init.cfg
+    if cfg.sweep:  # one program for all members, built at the largest k (`jaxsae.sweep`)
+        from jaxsae.sweep import group_sae, members
+
+        sae_cfg = group_sae(sae_cfg, members(cfg))
     p = Plan(cfg, run_dir, remote, model_path, store_path, sae_cfg, mcfg, mesh, init)
     check_resumes(p, store_meta)
     return p

@@ -34,7 +34,7 @@ import optax
 
 from jaxsae.sae import SAEConfig, dead_mask, make_sae, maybe_unit_norm_decoder, update_dead_counter
 from jaxsae.sharding import jit_step
-from jaxsae.splice import Splice, branch_logits, kl_per_token, splice
+from jaxsae.splice import Splice, branch_logits, kl_per_token, residual, splice
 from jaxsae.train.adapters import identity_composition
 from jaxsae.train.mse import post_update
 
@@ -80,17 +80,20 @@ def init_ft_state(params, tx, sae_cfg: SAEConfig, dead, l1_coeff: float, l0_targ
 
 
 def kl_mse_loss(sp: Splice, lm_params, sae_cfg: SAEConfig, params, tokens, loss: KLLoss, *, dead, l1_coeff,
-                compose=None, frozen=None):
+                compose=None, frozen=None, shared=None, k=None, kl_share=None):
     """The fused loss. tokens: int[b, t]. Returns (loss, aux dict).
 
     params: the differentiated pytree: the SAE's, or with `compose` an adapter's around the `frozen` SAE.
     dead: the dead-latent counter, or None to skip AuxK (a frozen SAE).
+    shared: (x, clean logits or None) computed once for a sweep's SAEs (`shared_branches`); None: here.
+    k, kl_share: a sweep member's (traced) k and KL share (None: the config's).
     """
     module = make_sae(sae_cfg)
     comp = identity_composition(params, lm_params) if compose is None else compose(params, frozen, lm_params)
     mask_dead = None if dead is None else dead_mask(dead, sae_cfg)
+    x, clean_shared = (None, None) if shared is None else shared
     s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=True, l1_coeff=l1_coeff,
-                                                                 dead=mask_dead), comp)
+                                                                 dead=mask_dead, k=k), comp, x=x)
     mf = s.mask.astype(jnp.float32)
     n = jnp.maximum(mf.sum(), 1.0)
     xn = jax.lax.stop_gradient(s.x_in.astype(jnp.float32) / sp.scale)
@@ -98,30 +101,42 @@ def kl_mse_loss(sp: Splice, lm_params, sae_cfg: SAEConfig, params, tokens, loss:
     if loss.kl_share == 0.0 and not loss.kl_only:  # the MSE-only control: no suffix, no KL
         nan = jnp.full((), jnp.nan, jnp.float32)
         return mse + s.out.aux_loss, dict(kl=nan, mse=mse, beta=nan, out=s.out, n=n)
-    clean, logits, _ = branch_logits(sp, lm_params, comp, s)
+    clean, logits, _ = branch_logits(sp, lm_params, comp, s, clean=clean_shared is None)
+    clean = clean_shared if clean is None else clean
     kl = jnp.sum(kl_per_token(clean, logits) * mf) / n
     beta = jax.lax.stop_gradient(mse) / (jax.lax.stop_gradient(kl) + 1e-8)
-    total = kl if loss.kl_only else (1.0 - loss.kl_share) * mse + loss.kl_share * beta * kl + s.out.aux_loss
+    share = loss.kl_share if kl_share is None else kl_share
+    total = kl if loss.kl_only else (1.0 - share) * mse + share * beta * kl + s.out.aux_loss
     return total, dict(kl=kl, mse=mse, beta=beta, out=s.out, n=n)
 
 
+def shared_branches(sp: Splice, lm_params, tokens: jax.Array, clean: bool):
+    """(x [b, t, D], clean logits [b, t, V] or None): what a sweep's SAEs share in a step, computed once:
+    the prefix to the hook and, when a KL is taken, the clean suffix (a constant target)."""
+    x = residual(sp, lm_params, tokens)
+    return x, (jax.lax.stop_gradient(sp.lm.suffix(x, sp.layer, params=lm_params)) if clean else None)
+
+
 def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLoss = KLLoss(), *, compose=None,
-                       shardings=None):
+                       shardings=None, sweep=None):
     """Returns jit(step)(state, lm_params, tokens) -> (state, metrics), with the state donated.
 
     compose: an adapter from `jaxsae.train.adapters` (state["params"] are then its params and
     state["frozen"] the SAE, which the step carries unchanged); None trains the SAE itself.
     shardings: optional (state, lm_params, tokens) shardings; the new state keeps the state's layout.
+    sweep: (hp, tx_of) for a state stacked over N SAEs (`jaxsae.sweep`): the prefix and the clean suffix
+    run once, each member's splice, spliced suffix and update run under vmap with its hyperparameters.
     """
     sae_trains = compose is None or compose.sae_trains
     kl_only = loss.kl_only or (compose is not None and compose.kl_only)
     loss = dataclasses.replace(loss, kl_only=kl_only)
 
-    def step(state: dict, lm_params, tokens: jax.Array):
+    def update(state: dict, lm_params, tokens: jax.Array, tx, schedule, shared=None, k=None, kl_share=None):
         dead = state["dead"] if sae_trains and loss.auxk else None
         (total, aux), grads = jax.value_and_grad(
             lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
-                                  compose=compose, frozen=state.get("frozen")), has_aux=True)(state["params"])
+                                  compose=compose, frozen=state.get("frozen"), shared=shared, k=k,
+                                  kl_share=kl_share), has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = aux["out"]
@@ -141,5 +156,20 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
             metrics.update({"train/kl": aux["kl"], "train/beta": aux["beta"]})
         new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1, "dead": dead, "l1": l1}
         return new, metrics
+
+    if sweep is None:
+        def step(state: dict, lm_params, tokens: jax.Array):
+            return update(state, lm_params, tokens, tx, schedule)
+    else:
+        hp, tx_of = sweep
+
+        def step(state: dict, lm_params, tokens: jax.Array):
+            shared = shared_branches(sp, lm_params, tokens, clean=loss.kl_share > 0.0 or kl_only)
+
+            def member(st, h):
+                tx_m, sched_m = tx_of(h["lr"])
+                return update(st, lm_params, tokens, tx_m, sched_m, shared, h["k"], h.get("kl_share"))
+
+            return jax.vmap(member)(state, {k: jnp.asarray(v) for k, v in hp.items()})
 
     return jit_step(step, shardings, shardings[0] if shardings else None)

@@ -39,22 +39,33 @@ def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool,
 
 
 def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
-             continues: bool = True) -> StepParts:
-    """The fused step of `phase` (a `jaxsae.phases.Phase`). fresh(tx) -> the phase's first state."""
-    from jaxsae.sharding import batch_sharding, sae_state_shardings
+             continues: bool = True, members=()) -> StepParts:
+    """The fused step of `phase` (a `jaxsae.phases.Phase`). fresh(tx) -> the phase's first state (one
+    member's, with sweep `members`: the step's state is then stacked over them)."""
+    from jaxsae.sharding import batch_sharding, sae_state_shardings, stack_shardings
+    from jaxsae.sweep import hparams
 
     sec = C.section(cfg, phase.name)
     total = C.phase_tokens(cfg, phase.name) // C.phase_batch_tokens(cfg, phase.name)
     tx, sched = optimizer(sec, total, sae_cfg if compose is None else None)
     abstract = jax.eval_shape(lambda: fresh(tx))
     state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
+    sweep = None
+    if members:
+        n = len(members)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), abstract)
+        state_sh = stack_shardings(state_sh, n)
+        sweep = (hparams(cfg, members, phase.section),
+                 lambda lr: optimizer(dataclasses.replace(sec, lr=lr), total, sae_cfg))
     loss = loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, continues, total)
-    step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=(state_sh, lm_sh, batch_sh))
+    step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=(state_sh, lm_sh, batch_sh),
+                              sweep=sweep)
     return StepParts(total, tx, abstract, state_sh, batch_sh, step)
 
 
-def window_l0(ctx, sae_params, tokens: np.ndarray) -> float:
-    """The SAE's mean L0 over every token of tokens: int[b, t] (the training step's own measure)."""
+def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None):
+    """The SAE's mean L0 over every token of tokens: int[b, t] (the training step's own measure); for a
+    sweep (stacked params, ks: each member's k), an array of one L0 per member."""
     from jaxsae.sae import make_sae
 
     module = make_sae(ctx.sae_cfg)
@@ -62,11 +73,14 @@ def window_l0(ctx, sae_params, tokens: np.ndarray) -> float:
     sp = ctx.splice
 
     @jax.jit
-    def l0(lm_params, params, toks):
+    def l0(lm_params, params, toks, ks):
         x = residual(sp, lm_params, toks).astype(jax.numpy.float32) / sp.scale
-        return module.apply({"params": params}, x, train=True)[1].l0
+        if ks is None:
+            return module.apply({"params": params}, x, train=True)[1].l0
+        return jax.vmap(lambda p, k: module.apply({"params": p}, x, train=True, k=k)[1].l0)(params, ks)
 
-    return float(l0(ctx.lm.params, sae_params, tokens))
+    out = l0(ctx.lm.params, sae_params, tokens, ks)
+    return float(out) if ks is None else np.asarray(out)
 
 
 def run_phase(ctx, phase, start):
@@ -77,14 +91,19 @@ def run_phase(ctx, phase, start):
     from jaxsae.sharding import batch_from_global
     from jaxsae.train.pipeline import Trained, adapter_of
 
-    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
+    from jaxsae.sweep import hparams
+
+    cfg, sae_cfg, members = ctx.cfg, ctx.sae_cfg, ctx.members
     sec = C.section(cfg, phase.name)
     compose = adapter_of(ctx) if phase.holds == "adapter" else None
     key = jax.random.PRNGKey(sec.seed)
     if start is None:
         params, dead, l0 = init_sae(sae_cfg, key), np.zeros(sae_cfg.d_sae, np.int32), 0.0
+        if members:  # every member of a fresh sweep starts from the same SAE (e2e.seed)
+            params, dead, l0 = jax.tree.map(lambda a: np.stack([a] * len(members)), (params, dead, np.float32(l0)))
     else:
         params, dead, l0 = start.params, start.dead, start.l0
+    hp = hparams(cfg, members, phase.section) if members else None
 
     def fresh(tx, sae_params=params, dead=dead, lm_params=ctx.lm.params, l0_target=l0):
         if compose is not None:
@@ -93,8 +112,13 @@ def run_phase(ctx, phase, start):
                                  frozen=sae_params)
         return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed)
 
-    parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh, compose,
-                     continues=start is not None)
+    def fresh_one(tx):
+        if not members:
+            return fresh(tx)
+        return fresh(tx, *jax.tree.map(lambda a: a[0], (params, dead)), l0_target=0.0)
+
+    parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh_one, compose,
+                     continues=start is not None, members=members)
     per = sec.batch_sequences
     skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
     seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
@@ -102,7 +126,8 @@ def run_phase(ctx, phase, start):
     def first_state():
         # only for a phase that does not resume (a checkpoint carries its l0_target): the L0 the controller
         # holds is measured as it measures it, on training text, not the eval's
-        target = l0 if start is None else window_l0(ctx, params, seqs[:per])
+        ks = None if hp is None else hp["k"]
+        target = l0 if start is None else window_l0(ctx, params, seqs[:per], ks)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
@@ -110,11 +135,19 @@ def run_phase(ctx, phase, start):
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
-            "trajectory": ctx.trajectory(phase.name)}
+            "trajectory": ctx.trajectory(phase.name), **ctx.sweep_meta()}
     # the first state is built under jit straight into its shardings (arrays as arguments, not constants)
-    first = jax.jit(lambda p, d, lp, t: fresh(parts.tx, p, d, lp, t), out_shardings=parts.state_sh)
+    if members:  # each member's λ starts from its own sae.l1_coeff
+        def one(p, d, lp, t, l1):
+            return {**fresh(parts.tx, p, d, lp, t), "l1": l1}
+
+        l1s = jax.numpy.asarray(hp["l1_coeff"])
+        first = jax.jit(lambda p, d, lp, t: jax.vmap(one, in_axes=(0, 0, None, 0, 0))(p, d, lp, t, l1s),
+                        out_shardings=parts.state_sh)
+    else:
+        first = jax.jit(lambda p, d, lp, t: fresh(parts.tx, p, d, lp, t), out_shardings=parts.state_sh)
     state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, first_state, feed, meta,
-                      cfg.checkpoint.every_steps, per * cfg.data.context)
+                      cfg.checkpoint.every_steps, per * cfg.data.context, names=ctx.member_names)
     if compose is not None:
         return Trained(state, state["frozen"], state["params"])
     return Trained(state, state["params"])

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 from jaxsae import config as C
@@ -64,20 +65,21 @@ class MetricsLog:
             append_jsonl(self.path, record)
 
 
-def to_floats(tree: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
 class PhaseLoop:
     """Drives one phase's steps: logs step N-1's metrics after dispatching step N (the host never
     stalls the device), stops on a NaN naming the step, checkpoints, shows progress."""
 
     def __init__(self, phase: str, total_steps: int, tokens_per_step: int, log: MetricsLog,
-                 ckpt: Checkpointer, every: int, start_step: int, log_every: int = 10):
+                 ckpt: Checkpointer, every: int, start_step: int, log_every: int = 10,
+                 names: list[str] | None = None):
         self.phase, self.total, self.tps = phase, total_steps, tokens_per_step
         self.log, self.ckpt, self.every, self.log_every = log, ckpt, every, log_every
         self.start = start_step
-        self.guard = Guard(phase, log.guard, start_step)
+        # a sweep's metrics have a leading SAE axis: each member is checked and logged on its own line
+        self.names = names
+        self.guards = {n: Guard(phase if n is None else f"{phase} ({n})", log.guard, start_step)
+                       for n in (names or [None])}
+        self.guard = next(iter(self.guards.values()))
         self.t0 = time.time()
         self.pending: tuple[int, Any] | None = None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=phase, unit="step", dynamic_ncols=True,
@@ -92,22 +94,27 @@ class PhaseLoop:
             return
         step, metrics = self.pending
         self.pending = None
-        m = to_floats(metrics)
-        bad = [k for k, v in m.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingError(f"{self.phase} step {step}: {', '.join(bad)} is not finite ({m[bad[0]]}); "
-                                f"lower {self.guard.phase_section()}.lr or check the activations' normalisation")
-        self.guard.check(step, m)
+        got = jax.device_get(metrics)
+        rows = ([(None, {k: float(v) for k, v in got.items()})] if self.names is None else
+                [(n, {k: float(v[i]) for k, v in got.items()}) for i, n in enumerate(self.names)])
         elapsed = time.time() - self.t0
         rate = (step - self.start) * self.tps / max(elapsed, 1e-9)
+        for name, m in rows:
+            who = self.phase if name is None else f"{self.phase} ({name})"
+            bad = [k for k, v in m.items() if not math.isfinite(v)]
+            if bad:
+                raise TrainingError(f"{who} step {step}: {', '.join(bad)} is not finite ({m[bad[0]]}); lower "
+                                    f"{self.guard.phase_section()}.lr or check the activations' normalisation")
+            self.guards[name].check(step, m)
+            if step % self.log_every == 0 or step == self.total:
+                self.log.write({"phase": self.phase, **({} if name is None else {"sae": name}), "step": step,
+                                "tokens": step * self.tps, **{k: round(v, 6) for k, v in m.items()},
+                                "perf/tokens_per_s": round(rate, 1)})
+        m = {k: float(np.mean([r[1][k] for r in rows])) for k in rows[0][1]}  # the bar shows the mean
         self.last = m
-        if step % self.log_every == 0 or step == self.total:
-            self.log.write({"phase": self.phase, "step": step, "tokens": step * self.tps,
-                            **{k: round(v, 6) for k, v in m.items()}, "perf/tokens_per_s": round(rate, 1)})
-        loss_key = next((k for k in ("train/loss",) if k in m), None)
         post = {"tok/s": f"{rate:,.0f}", "tokens": f"{step * self.tps:,}"}
-        if loss_key:
-            post["loss"] = f"{m[loss_key]:.4f}"
+        if "train/loss" in m:
+            post["loss"] = f"{m['train/loss']:.4f}"
         if "train/l0" in m:
             post["L0"] = f"{m['train/l0']:.1f}"
         self.bar.set_postfix(post, refresh=False)
@@ -124,7 +131,7 @@ class PhaseLoop:
             # too (a step's metrics come from the params before its update): a NaN is never saved, so a
             # rerun never finds a "finished" phase that diverged at its last step
             self._flush()
-            bad = nonfinite_params(state)
+            bad = nonfinite_params(state, self.names)
             if bad:
                 raise TrainingError(f"{self.phase} step {step}: the updated params {bad} are not finite; lower "
                                     f"{self.guard.phase_section()}.lr or check the activations' normalisation")
@@ -137,18 +144,28 @@ class PhaseLoop:
         return self.last
 
 
-def nonfinite_params(state: dict) -> str:
+def nonfinite_params(state: dict, names: list[str] | None = None) -> str:
     """'' if every float leaf of state["params"] (and of an adapter phase's frozen SAE) is finite, else
-    the first leaf that is not, by its path."""
+    the first leaf that is not, by its path (and a sweep's member, by name)."""
     trees = {k: state[k] for k in ("params", "frozen") if k in state}
-    leaves = jax.tree_util.tree_leaves_with_path(trees)
-    ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)])
-    paths = [jax.tree_util.keystr(p) for p, x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-    return next((p for p, good in zip(paths, ok) if not good), "")
+    leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
+    axes = tuple(range(1, 99))
+    ok = jax.device_get([jnp.all(jnp.isfinite(x), axis=axes[:x.ndim - 1]) if names else jnp.all(jnp.isfinite(x))
+                         for _, x in leaves])
+    for (p, _), good in zip(leaves, ok):
+        good = np.atleast_1d(good)
+        if not good.all():
+            who = f" of {names[int(np.argmin(good))]}" if names else ""
+            return jax.tree_util.keystr(p) + who
+    return ""
 
 
 def check_eval(phase: str, metrics: dict) -> None:
     """TrainingError naming `phase` if an evaluation metric is not finite (eval.json never holds NaN)."""
+    if metrics and all(isinstance(v, dict) for v in metrics.values()):  # a sweep's: name -> metrics
+        for name, m in metrics.items():
+            check_eval(f"{phase} ({name})", m)
+        return
     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:
         raise TrainingError(f"{phase}: evaluation gave {bad[0]}={metrics[bad[0]]} (not finite), so its SAE is "
@@ -220,11 +237,13 @@ def resume(ckpt: Checkpointer, phase: str, parts: StepParts, trajectory: dict) -
 
 
 def run_steps(ckpt: Checkpointer, log: MetricsLog, phase: str, parts: StepParts, fresh: Callable[[], Any],
-              feed: Callable[[int], tuple], meta: dict, every: int, tokens_per_step: int) -> Any:
+              feed: Callable[[int], tuple], meta: dict, every: int, tokens_per_step: int,
+              names: list[str] | None = None) -> Any:
     """Resumes `phase` from its newest readable checkpoint (or starts from fresh()), runs steps
     start+1..total with parts.step(state, *feed(step)), checkpoints and logs; returns the final state.
     A phase counts as finished only when its final checkpoint restores with finite params.
-    meta: what every checkpoint records besides its step (with "trajectory", checked on resume)."""
+    meta: what every checkpoint records besides its step (with "trajectory", checked on resume).
+    names: a sweep's member names (the state and metrics then have a leading SAE axis)."""
     try:
         state, start = resume(ckpt, phase, parts, meta["trajectory"])
         log.rewind(phase, start)  # drops what a killed run logged past its last checkpoint
@@ -232,7 +251,7 @@ def run_steps(ckpt: Checkpointer, log: MetricsLog, phase: str, parts: StepParts,
             state = fresh()
         if start >= parts.total:
             return state
-        loop = PhaseLoop(phase, parts.total, tokens_per_step, log, ckpt, every, start)
+        loop = PhaseLoop(phase, parts.total, tokens_per_step, log, ckpt, every, start, names=names)
         try:
             for step in range(start + 1, parts.total + 1):
                 state, metrics = parts.step(state, *feed(step))

@@ -29,10 +29,11 @@ def init_state(params, tx: optax.GradientTransformation, sae_cfg: SAEConfig, see
                 rng=jax.random.key_data(jax.random.PRNGKey(seed)))
 
 
-def sae_loss(sae_module, sae_cfg: SAEConfig, params, x, dead, step):
-    """MSE-phase loss. x: f32[batch, d_model] (normalised). Returns (loss, (mse, SAEOutput))."""
+def sae_loss(sae_module, sae_cfg: SAEConfig, params, x, dead, step, k=None, l1=None):
+    """MSE-phase loss. x: f32[batch, d_model] (normalised). Returns (loss, (mse, SAEOutput)).
+    k, l1: a sweep member's (traced) k and L1 coefficient (None: the config's)."""
     x_hat, out = sae_module.apply({"params": params}, x, dead=dead_mask(dead, sae_cfg), train=True,
-                                  l1_coeff=l1_coeff_at(step, sae_cfg))
+                                  l1_coeff=l1_coeff_at(step, sae_cfg, l1), k=k)
     mse = reconstruction_loss(x, x_hat)
     return mse + out.aux_loss, (mse, out)
 
@@ -44,47 +45,72 @@ def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens, step):
     return params, update_dead_counter(dead, out.fired, n_tokens)
 
 
+def mse_update(sae_module, sae_cfg: SAEConfig, tx, schedule, state: dict, x: jax.Array, k=None, l1=None):
+    """One MSE step of one SAE: (state, metrics). x: [batch, d_model]; k, l1 as in `sae_loss`."""
+    x = x.astype(jnp.float32)
+    (loss, (mse, out)), grads = jax.value_and_grad(
+        lambda p: sae_loss(sae_module, sae_cfg, p, x, state["dead"], state["step"], k, l1), has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    params, dead = post_update(sae_cfg, params, state["dead"], out, x.shape[0], state["step"])
+    # FVE against this batch's own variance (the eval uses held-out data)
+    var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, -1))
+    metrics = {"train/loss": loss, "train/mse": mse, "train/fve": 1.0 - mse / var, "train/l0": out.l0,
+               **{f"train/{k}": v for k, v in out.penalties.items()}, "train/lr": schedule(state["step"]),
+               "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
+    new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead, rng=state["rng"])
+    return new, metrics
+
+
 def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                  state_shardings=None, batch_sharding=None):
+                  state_shardings=None, batch_sharding=None, sweep=None):
     """Returns the jit-compiled step with the state donated.
 
     With `state_shardings` (`jaxsae.sharding.sae_state_shardings`) and `batch_sharding`, the step's
     inputs and outputs are pinned to them: the new state keeps the old one's layout, metrics are
     replicated.
+    sweep: (hp, tx_of) for a stacked state of N SAEs (`jaxsae.sweep`): hp {name: [N]} their
+    hyperparameters, tx_of(lr) -> (tx, schedule) a member's optimiser; every member reads the same batch.
     """
 
     from jaxsae.sae import make_sae
 
     sae_module = make_sae(sae_cfg)
+    if sweep is None:
+        def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
+            return mse_update(sae_module, sae_cfg, tx, schedule, state, x)
+    else:
+        hp, tx_of = sweep
 
-    def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
-        x = x.astype(jnp.float32)
-        (loss, (mse, out)), grads = jax.value_and_grad(
-            lambda p: sae_loss(sae_module, sae_cfg, p, x, state["dead"], state["step"]), has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        params, dead = post_update(sae_cfg, params, state["dead"], out, x.shape[0], state["step"])
-        # FVE against this batch's own variance (the eval uses held-out data)
-        var = jnp.mean(jnp.sum((x - x.mean(0)) ** 2, -1))
-        metrics = {"train/loss": loss, "train/mse": mse, "train/fve": 1.0 - mse / var, "train/l0": out.l0,
-                   **{f"train/{k}": v for k, v in out.penalties.items()}, "train/lr": schedule(state["step"]),
-                   "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
-        new = dict(params=params, opt_state=opt_state, step=state["step"] + 1, dead=dead, rng=state["rng"])
-        return new, metrics
+        def member(state, x, h):
+            tx_m, sched_m = tx_of(h["lr"])
+            return mse_update(sae_module, sae_cfg, tx_m, sched_m, state, x, h["k"], h["l1_coeff"])
+
+        def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
+            return jax.vmap(member, in_axes=(0, None, 0))(state, x, {k: jnp.asarray(v) for k, v in hp.items()})
 
     return jit_step(step, (state_shardings, batch_sharding), state_shardings)
 
 
-def mse_parts(cfg: C.RunConfig, sae_cfg: SAEConfig, mesh) -> StepParts:
+def mse_parts(cfg: C.RunConfig, sae_cfg: SAEConfig, mesh, members=()) -> StepParts:
+    """The MSE phase's step; with sweep `members` (`jaxsae.sweep.members`) its state is stacked over them."""
     from jaxsae.sae import init_sae
-    from jaxsae.sharding import batch_sharding, sae_state_shardings
+    from jaxsae.sharding import batch_sharding, sae_state_shardings, stack_shardings
+    from jaxsae.sweep import hparams
 
     total = cfg.mse.tokens // cfg.mse.batch_size
     tx, sched = optimizer(cfg.mse, total, sae_cfg)
     key = jax.random.PRNGKey(cfg.mse.seed)
     abstract = jax.eval_shape(lambda: init_state(init_sae(sae_cfg, key), tx, sae_cfg, cfg.mse.seed))
     state_sh, batch_sh = sae_state_shardings(abstract, sae_cfg, mesh), batch_sharding(mesh)
-    step = make_mse_step(sae_cfg, tx, sched, state_sh, batch_sh)
+    sweep = None
+    if members:
+        n = len(members)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape), a.dtype), abstract)
+        state_sh = stack_shardings(state_sh, n)
+        sweep = (hparams(cfg, members, "mse"),
+                 lambda lr: optimizer(dataclasses.replace(cfg.mse, lr=lr), total, sae_cfg))
+    step = make_mse_step(sae_cfg, tx, sched, state_sh, batch_sh, sweep)
     return StepParts(total, tx, abstract, state_sh, batch_sh, step)
 
 
@@ -95,32 +121,38 @@ def run_phase(ctx, phase, start):
     from jaxsae.sharding import global_batch
     from jaxsae.train.pipeline import Trained
 
-    cfg, sae_cfg = ctx.cfg, ctx.sae_cfg
-    parts = mse_parts(cfg, sae_cfg, ctx.mesh)
+    from jaxsae.sweep import data_seed, hparams
+
+    cfg, sae_cfg, members = ctx.cfg, ctx.sae_cfg, ctx.members
+    parts = mse_parts(cfg, sae_cfg, ctx.mesh, members)
+
+    def one(x, seed):
+        return init_state(init_sae(sae_cfg, jax.random.PRNGKey(seed), x), parts.tx, sae_cfg, seed)
 
     def fresh():
         # b_dec starts at the geometric median of a first sample of (normalised) activations; the state
-        # is built under jit straight into its shardings
+        # is built under jit straight into its shardings (a sweep's: one per member's seed)
         sample = ctx.store.read(0, min(ctx.store.n_tokens, 4096), normalize=True)
-        init = jax.jit(lambda x: init_state(init_sae(sae_cfg, jax.random.PRNGKey(cfg.mse.seed), x), parts.tx,
-                                            sae_cfg, cfg.mse.seed), out_shardings=parts.state_sh)
-        return init(sample)
+        if members:
+            seeds = jax.numpy.asarray(hparams(cfg, members, "mse")["seed"])
+            return jax.jit(jax.vmap(one, in_axes=(None, 0)), out_shardings=parts.state_sh)(sample, seeds)
+        return jax.jit(lambda x: one(x, cfg.mse.seed), out_shardings=parts.state_sh)(sample)
 
     readers = []
 
     def feed(step: int):
         if not readers:  # each process reads its own slice of the store and feeds batch/P rows
-            readers.append(ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=cfg.mse.seed,
+            readers.append(ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=data_seed(cfg),
                                           start_step=step - 1, process_index=jax.process_index(),
                                           process_count=jax.process_count()))
         return (global_batch(next(readers[0]), parts.batch_sh),)
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
-            "reader": {"seed": cfg.mse.seed}, "trajectory": ctx.trajectory(phase.name)}
+            "reader": {"seed": data_seed(cfg)}, "trajectory": ctx.trajectory(phase.name), **ctx.sweep_meta()}
     try:
         state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, fresh, feed, meta,
-                          cfg.checkpoint.every_steps, cfg.mse.batch_size)
+                          cfg.checkpoint.every_steps, cfg.mse.batch_size, names=ctx.member_names)
     finally:
         for r in readers:
             r.close()

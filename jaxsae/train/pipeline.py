@@ -56,28 +56,47 @@ def collect_store(p: Plan, lm, log: MetricsLog):
 
 
 def evaluate_phase(ctx: Context, phase: str, trained: Trained, seconds: float, start: str | None) -> dict:
-    """Evaluates `phase`'s SAE (with its adapter, if any) on the held-out text; writes eval.json."""
+    """Evaluates `phase`'s SAE (with its adapter, if any) on the held-out text; writes eval.json.
+    A sweep's SAEs are evaluated together; eval.json then maps `phase` to {member name: metrics}."""
     from jaxsae.data.windows import eval_sequences
-    from jaxsae.eval import evaluate
+    from jaxsae.eval import evaluate, evaluate_sweep
     from jaxsae.train.loop import check_eval, write_eval
 
     cfg = ctx.cfg
     compose = None if trained.trainable is None else adapter_of(ctx)
-    m = evaluate(ctx.splice, ctx.sae_cfg, trained.sae_params, eval_sequences(cfg, ctx.lm.tokenizer),
-                 batch=cfg.eval.batch_sequences, compose=compose, trainable=trained.trainable, mesh=ctx.mesh)
+    seqs = eval_sequences(cfg, ctx.lm.tokenizer)
+    if ctx.members:
+        from jaxsae.sweep import hparams
+
+        ks = hparams(cfg, ctx.members, "mse")["k"]
+        rows = evaluate_sweep(ctx.splice, ctx.sae_cfg, trained.sae_params, ks, seqs, batch=cfg.eval.batch_sequences,
+                              mesh=ctx.mesh)
+        named = dict(zip(ctx.member_names, rows))
+    else:
+        named = {None: evaluate(ctx.splice, ctx.sae_cfg, trained.sae_params, seqs, batch=cfg.eval.batch_sequences,
+                                compose=compose, trainable=trained.trainable, mesh=ctx.mesh)}
     tokens = C.phase_tokens(cfg, phase) if phase in P.NAMES else 0
     # the MSE phase repeats the store's rows once its tokens outnumber them; the token windows are new text
     unique = min(tokens, int(ctx.store.n_tokens)) if phase == "mse" else tokens
-    m.update(phase_tokens=tokens, phase_unique_tokens=unique, phase_seconds=round(seconds, 1), start=start,
-             positions=positions_convention(cfg))
-    check_eval(phase, m)  # on every process: a NaN stops them all
-    write_eval(ctx.plan.run_dir, phase, m)
+    for m in named.values():
+        m.update(phase_tokens=tokens, phase_unique_tokens=unique, phase_seconds=round(seconds, 1), start=start,
+                 positions=positions_convention(cfg))
+    out = named[None] if None in named else named
+    check_eval(phase, out)  # on every process: a NaN stops them all
+    write_eval(ctx.plan.run_dir, phase, out)
     sync_remote(ctx.plan)
     if jax.process_index() == 0:
-        print(f"[{phase}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
-              f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
-              f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
-    return m
+        for name, m in named.items():
+            who = phase if name is None else f"{phase} {name}"
+            print(f"[{who}] CE clean {m['ce_clean']:.4f}  spliced {m['ce_spliced']:.4f}  zero {m['ce_zero']:.4f}  "
+                  f"gap {m['ce_gap']:.4f}  recovered {m['loss_recovered']:.3f}  KL {m['kl']:.4f}  FVE {m['fve']:.3f}  "
+                  f"L0 {m['l0']:.1f}  dead {m['dead_fraction']:.3f}", flush=True)
+    return out
+
+
+def l0_of(metrics: dict, names: list[str] | None):
+    """The evaluated L0 a continuing phase holds: a float, or one per sweep member."""
+    return metrics["l0"] if names is None else np.array([metrics[n]["l0"] for n in names], np.float32)
 
 
 def adapter_of_cfg(cfg: C.RunConfig, d_model: int, n_layers: int):
@@ -159,7 +178,7 @@ def run_planned(p: Plan) -> dict:
         results[phase.name] = evaluate_phase(ctx, phase.name, trained, time.time() - t0,
                                              None if start is None else start.name)
         if phase.holds == "sae":
-            starts[phase.name] = trained.start(phase.name, results[phase.name]["l0"])
+            starts[phase.name] = trained.start(phase.name, l0_of(results[phase.name], ctx.member_names))
     if is_main():
         write_report(p.run_dir)
     sync_remote(p)
