@@ -1,0 +1,215 @@
+"""Sweeps (`jaxsae.sweep`): N SAEs as one vmapped program equal N independent single runs step for step
+(TopK and ReLU; MSE and fused steps; k, lr, L1 coefficient and KL share varying), the shared forward is
+really shared (XLA's FLOP count), a whole sweep run equals the single run of its member and resumes
+bit-identically after SIGKILL, and bad sweep configs fail before any compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, run_cmd, tiny_args
+
+import jaxsae
+from jaxsae.config import ConfigError, FinetuneCfg, MSECfg, load_config
+from jaxsae.models.gpt_neox import GPTNeoXConfig
+from jaxsae.models.lm import LM, init_params
+from jaxsae.sae import SAEConfig, init_sae
+from jaxsae.splice import Splice
+from jaxsae.sweep import member_config, members
+from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
+from jaxsae.train.mse import init_state, make_mse_step
+from jaxsae.train.optim import optimizer
+
+STEPS = 4
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _close(a, b, what):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=2e-6,
+                                   err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+def _members(kind):
+    """Each member's (k, l1_coeff, lr, kl_share): k varies for TopK, the L1 coefficient for ReLU."""
+    if kind == "topk":
+        return [(3, 0.0, 1e-3, 0.5), (6, 0.0, 3e-3, 0.3), (4, 0.0, 2e-3, 0.7)]
+    return [(6, 0.1, 1e-3, 0.5), (6, 0.3, 3e-3, 0.3)]
+
+
+def _cfgs(kind):
+    base = SAEConfig(kind=kind, d_model=16, d_sae=32, k=6, l1_coeff=0.2, dead_tokens_threshold=64).validate()
+    return base, [dataclasses.replace(base, k=k, l1_coeff=l1) for k, l1, _, _ in _members(kind)]
+
+
+def _hp(kind):
+    cols = list(zip(*_members(kind)))
+    return {"k": np.array(cols[0], np.int32), "l1_coeff": np.array(cols[1], np.float32),
+            "lr": np.array(cols[2], np.float32), "kl_share": np.array(cols[3], np.float32)}
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_mse_sweep_equals_independent_steps(kind):
+    base, cfgs = _cfgs(kind)
+    pc = MSECfg(warmup_steps=2, decay_fraction=0.5)
+    xs = [jnp.asarray(np.random.default_rng(i).normal(size=(64, 16)), jnp.float32) for i in range(STEPS)]
+    singles, states = [], []
+    for i, (cfg, (_, _, lr, _)) in enumerate(zip(cfgs, _members(kind))):
+        tx, sched = optimizer(dataclasses.replace(pc, lr=lr), STEPS, cfg)
+        states.append(init_state(init_sae(cfg, jax.random.PRNGKey(i), xs[0]), tx, cfg, i))
+        singles.append(make_mse_step(cfg, tx, sched))
+    tx, sched = optimizer(pc, STEPS, base)
+    swept = make_mse_step(base, tx, sched, sweep=(_hp(kind), lambda lr: optimizer(dataclasses.replace(pc, lr=lr),
+                                                                                 STEPS, base)))
+    stacked = _stack(states)
+    for x in xs:
+        outs = [s(st, x) for s, st in zip(singles, states)]
+        states = [o[0] for o in outs]
+        stacked, m = swept(stacked, x)
+        _close(stacked, _stack(states), "state")
+        _close(m, _stack([o[1] for o in outs]), "metrics")
+    assert np.all(np.asarray(m["train/l0"]) > 0)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    cfg = GPTNeoXConfig(vocab_size=97, d_model=16, n_layers=3, n_heads=4, d_mlp=32, rotary_pct=0.5)
+    params = jax.tree.map(lambda p: p * 3.0 if p.ndim >= 2 else p, init_params(cfg, jax.random.PRNGKey(0)))
+    return LM(cfg, params)
+
+
+def _tokens(i):
+    return jnp.asarray(np.random.default_rng(i).integers(0, 97, (3, 10)), jnp.int32)
+
+
+def _fused(lm, kind):
+    """(single steps, their states, the sweep's step, its stacked state) for the fused KL+MSE step."""
+    sp = Splice(lm, 1, 1.7)
+    base, cfgs = _cfgs(kind)
+    fc = FinetuneCfg()
+    controller = kind == "relu"
+    singles, states = [], []
+    for i, (cfg, (_, l1, lr, share)) in enumerate(zip(cfgs, _members(kind))):
+        tx, sched = optimizer(dataclasses.replace(fc, lr=lr), STEPS, cfg)
+        params = init_sae(cfg, jax.random.PRNGKey(i))
+        states.append(init_ft_state(params, tx, cfg, np.zeros(32, np.int32), l1, 3.0, 0))
+        singles.append(make_finetune_step(sp, cfg, tx, sched, KLLoss(kl_share=share, l1_controller=controller)))
+    tx, sched = optimizer(fc, STEPS, base)
+    swept = make_finetune_step(sp, base, tx, sched, KLLoss(l1_controller=controller),
+                               sweep=(_hp(kind), lambda lr: optimizer(dataclasses.replace(fc, lr=lr), STEPS, base)))
+    return singles, states, swept, _stack(states)
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu"])
+def test_fused_sweep_equals_independent_steps(lm, kind):
+    singles, states, swept, stacked = _fused(lm, kind)
+    for i in range(STEPS):
+        toks = _tokens(i)
+        outs = [s(st, lm.params, toks) for s, st in zip(singles, states)]
+        states = [o[0] for o in outs]
+        stacked, m = swept(stacked, lm.params, toks)
+        _close(stacked, _stack(states), "state")
+        _close(m, _stack([o[1] for o in outs]), "metrics")
+    assert np.all(np.isfinite(np.asarray(m["train/kl"])))
+
+
+def test_shared_forward_costs_less_than_n_runs(lm):
+    """XLA's FLOP count of the fused step for 3 SAEs is under 3x one SAE's: the prefix and the clean
+    suffix are not repeated per SAE."""
+    singles, states, swept, stacked = _fused(lm, "topk")
+    toks = _tokens(0)
+
+    def flops(step, state):
+        cost = step.lower(state, lm.params, toks).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    one, three = flops(singles[0], states[0]), flops(swept, stacked)
+    assert one < three < 3 * one, (one, three)
+
+
+def test_sweep_config_names_and_errors():
+    cfg = load_config(base={"sweep": {"sae.k": [8, 16], "mse": {"seed": [0, 1]}}})
+    assert [m.name for m in members(cfg)] == ["k8-s0", "k8-s1", "k16-s0", "k16-s1"]
+    m = member_config(cfg, members(cfg)[3])
+    assert (m.sae.k, m.mse.seed, m.mse.data_seed, m.sweep) == (16, 1, 0, {})
+    explicit = load_config(base={"sweep": {"members": [{"sae.k": 8}, {"sae.k": 32, "finetune.lr": 1e-3}]}})
+    assert [m.name for m in members(explicit)] == ["k8", "k32-ftlr0.001"]
+    bad = [({"sweep": {"sae.d_sae": [64, 128]}}, "sweep key sae.d_sae cannot vary"),
+           ({"sweep": {"sae.k": 8}}, "must be a non-empty list"),
+           ({"sae": {"kind": "relu"}, "sweep": {"sae.k": [8, 16]}}, "needs sae.kind topk or batchtopk"),
+           ({"sweep": {"sae.k": [8, 5000]}}, "sweep member k5000: sae.k=5000 exceeds"),
+           ({"sweep": {"sae.k": [8, 8]}}, "two members are both k8")]
+    for tree, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(base=tree)
+
+
+def _sweep_args(model, run_dir):
+    return tiny_args(model, run_dir, "--set", "sweep={sae.k: [4, 8]}")
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tiny_model, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sweep") / "run"
+    r = run_cmd(_sweep_args(tiny_model, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run):
+    """Member k8 of the sweep is the tiny run (k=8) trained alone: same evaluation after every phase,
+    same final SAE; the sweep's files name their members."""
+    single, swept = (json.loads((d / "eval.json").read_text()) for d in (finished_run, sweep_run))
+    assert set(swept) == set(single) and all(set(v) == {"k4", "k8"} for v in swept.values())
+    for phase in single:
+        for key in ("ce_spliced", "ce_gap", "fve", "l0", "kl"):
+            assert swept[phase]["k8"][key] == pytest.approx(single[phase][key], rel=2e-4, abs=2e-5), (phase, key)
+        assert swept[phase]["k4"]["l0"] <= 4.0 < swept[phase]["k8"]["l0"]
+    a, b = jaxsae.load_sae(finished_run), jaxsae.load_sae(sweep_run, "k8")
+    assert b.cfg.k == 8 and b.meta["sae_name"] == "k8"
+    for k in a.params:
+        np.testing.assert_allclose(np.asarray(b.params[k]), np.asarray(a.params[k]), rtol=2e-3, atol=2e-4, err_msg=k)
+    with pytest.raises(ValueError, match="holds a sweep of 2 SAEs"):
+        jaxsae.load_sae(sweep_run)
+    rows = [json.loads(line) for line in (sweep_run / "metrics.jsonl").read_text().splitlines()]
+    assert {r.get("sae") for r in rows if r["phase"] == "finetune"} == {"k4", "k8"}
+    report = (sweep_run / "report.md").read_text()
+    assert "| k4 |" in report and "finetune − control" in report and (sweep_run / "report.png").exists()
+
+
+def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    env = {**os.environ, "JAXSAE_STEP_DELAY": "0.05"}
+    p = subprocess.Popen(_sweep_args(tiny_model, run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "checkpoints" / "mse"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(d.name.isdigit() and int(d.name) >= 30
+                                                                 for d in ckpts.iterdir())):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert max(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) < 100  # really interrupted
+    r = run_cmd(_sweep_args(tiny_model, run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("k4", "k8"):
+        a, b = jaxsae.load_sae(sweep_run, name), jaxsae.load_sae(run_dir, name)
+        for k in a.params:
+            np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=f"{name} {k}")
+    def evals(d):
+        ev = json.loads((d / "eval.json").read_text())
+        return {p: {n: {k: v for k, v in m.items() if k != "phase_seconds"} for n, m in v.items()} for p, v in ev.items()}
+
+    assert evals(run_dir) == evals(sweep_run)
