@@ -213,3 +213,34 @@ def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_pat
         return {p: {n: {k: v for k, v in m.items() if k != "phase_seconds"} for n, m in v.items()} for p, v in ev.items()}
 
     assert evals(run_dir) == evals(sweep_run)
+
+
+@pytest.mark.multidevice
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+@pytest.mark.parametrize("n", [4, 3])
+def test_sweep_on_a_mesh_equals_one_device(n):
+    """The SAE axis over `model` (4 members on a model axis of 4: each device holds whole SAEs) or, when
+    the axis does not divide the members (3), replicated with d_sae split: the same steps as one device."""
+    from jaxsae.sharding import batch_sharding, make_mesh, sae_state_shardings, shard, stack_shardings
+
+    base = SAEConfig(kind="topk", d_model=16, d_sae=32, k=6, dead_tokens_threshold=64).validate()
+    hp = {"k": np.array([3, 6, 4, 5][:n], np.int32), "l1_coeff": np.zeros(n, np.float32),
+          "lr": np.array([1e-3, 3e-3, 2e-3, 5e-4][:n], np.float32)}
+    pc = MSECfg(warmup_steps=2)
+    tx, sched = optimizer(pc, STEPS, base)
+    xs = [jnp.asarray(np.random.default_rng(i).normal(size=(64, 16)), jnp.float32) for i in range(STEPS)]
+    state = _stack([init_state(init_sae(base, jax.random.PRNGKey(i), xs[0]), tx, base, i) for i in range(n)])
+    sweep = (hp, lambda lr: optimizer(dataclasses.replace(pc, lr=lr), STEPS, base))
+    mesh = make_mesh(data=2, model=4)
+    member_sh = sae_state_shardings(jax.tree.map(lambda a: a[0], state), base, mesh)
+    state_sh = stack_shardings(member_sh, n)
+    lead = state_sh["params"]["W_dec"].spec
+    assert (lead[0], lead[1]) == (("model", None) if n == 4 else (None, "model")), lead
+    one = make_mse_step(base, tx, sched, sweep=sweep)
+    meshed = make_mse_step(base, tx, sched, state_sh, batch_sharding(mesh), sweep=sweep)
+    a, b = state, shard(jax.tree.map(jnp.copy, state), state_sh)
+    for x in xs:
+        a, ma = one(a, x)
+        b, mb = meshed(b, shard(x, batch_sharding(mesh)))
+    _close(b, a, "state")
+    _close(mb, ma, "metrics")
