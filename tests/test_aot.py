@@ -63,3 +63,18 @@ def test_compiles_for_a_tpu_topology_without_a_tpu(capsys):
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--topology", "v5e-8"]) == 0
     out = capsys.readouterr().out
     assert "8 x TPU v5 lite on 1 host(s)" in out and "fits in 16 GiB" in out
+
+
+def test_compiles_a_sweeps_stacked_steps_with_the_sae_axis_over_model():
+    """configs/demo-sweep.yaml's 4 SAEs on mesh (2, 4): the sweep's steps compile from abstract inputs, and
+    with the SAE axis over `model` each device's share of the state is one SAE's."""
+    cfg = load_config(ROOT / "configs" / "demo-sweep.yaml", ["sae.d_sae=256", "data.context=32", "mesh.model=4",
+                                                             "phases=[mse, finetune]"])
+    steps, _ = compile_steps(cfg, jax.devices())
+    single, _ = compile_steps(_cfg("mesh.model=4", "sae.k=64", "phases=[mse]"), jax.devices())
+    assert [s.name for s in steps] == ["mse step", "finetune step (fused KL+MSE)"] and steps[1].flops > 0
+    # MSE step arguments: the state plus this device's batch rows (f32[1024, 128] over data = 2)
+    batch = {"sweep": 1024 * 128 * 4 // 2, "single": 1024 * 128 * 4 // 2}
+    # one SAE's whole state per device (sweep) vs a quarter of one SAE's (single, d_sae over model=4)
+    assert steps[0].argument_bytes - batch["sweep"] == pytest.approx(4 * (single[0].argument_bytes - batch["single"]),
+                                                                     rel=0.05)

@@ -122,19 +122,22 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
     mcfg = read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     mesh = mesh_for(cfg, devices, n_processes)
-    sae_cfg = sae_config(cfg, mcfg.d_model)
+    from jaxsae.sweep import group_sae, members
+
+    ms = members(cfg)  # a sweep compiles its stacked steps, built at the largest k
+    sae_cfg = group_sae(sae_config(cfg, mcfg.d_model), ms) if ms else sae_config(cfg, mcfg.d_model)
     lm_sh = lm_param_shardings(mcfg, mesh, cfg.model.lm_sharding)
     out = []
     for phase in P.ordered(cfg.phases):
         if phase.name == "mse":
-            p = mse_parts(cfg, sae_cfg, mesh)
+            p = mse_parts(cfg, sae_cfg, mesh, ms)
             dtype = jax.numpy.bfloat16 if cfg.store.dtype == "bfloat16" else np.dtype(cfg.store.dtype)
             x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), dtype, sharding=p.batch_sh)
             out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x)))
             continue
         p = kl_parts(cfg, phase, sae_cfg, mesh, Splice(LM(mcfg, None), cfg.hook.layer, 1.0,
                                                         cfg.data.include_first_position),
-                     lm_sh, _abstract_first(cfg, phase, sae_cfg, mcfg), continues=bool(phase.starts))
+                     lm_sh, _abstract_first(cfg, phase, sae_cfg, mcfg), continues=bool(phase.starts), members=ms)
         tokens = jax.ShapeDtypeStruct((getattr(cfg, phase.section).batch_sequences, cfg.data.context), np.int32,
                                       sharding=p.batch_sh)
         lowered = p.step.lower(abstract_with(p.abstract, p.state_sh), abstract_with(abstract_params(mcfg), lm_sh),

@@ -36,7 +36,7 @@ from jaxsae.sae import SAEConfig, dead_mask, make_sae, maybe_unit_norm_decoder, 
 from jaxsae.sharding import jit_step
 from jaxsae.splice import Splice, branch_logits, kl_per_token, residual, splice
 from jaxsae.train.adapters import identity_composition
-from jaxsae.train.mse import post_update
+from jaxsae.train.mse import post_update, skip_auxk_unless_dead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +131,9 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
     kl_only = loss.kl_only or (compose is not None and compose.kl_only)
     loss = dataclasses.replace(loss, kl_only=kl_only)
 
-    def update(state: dict, lm_params, tokens: jax.Array, tx, schedule, shared=None, k=None, kl_share=None):
-        dead = state["dead"] if sae_trains and loss.auxk else None
+    def update(state: dict, lm_params, tokens: jax.Array, tx, schedule, shared=None, k=None, kl_share=None,
+               auxk: bool = True):
+        dead = state["dead"] if sae_trains and loss.auxk and auxk else None
         (total, aux), grads = jax.value_and_grad(
             lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
                                   compose=compose, frozen=state.get("frozen"), shared=shared, k=k,
@@ -166,10 +167,14 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
         def step(state: dict, lm_params, tokens: jax.Array):
             shared = shared_branches(sp, lm_params, tokens, clean=loss.kl_share > 0.0 or kl_only)
 
-            def member(st, h):
+            def member(st, h, auxk):
                 tx_m, sched_m = tx_of(h["lr"])
-                return update(st, lm_params, tokens, tx_m, sched_m, shared, h["k"], h.get("kl_share"))
+                return update(st, lm_params, tokens, tx_m, sched_m, shared, h["k"], h.get("kl_share"), auxk)
 
-            return jax.vmap(member)(state, {k: jnp.asarray(v) for k, v in hp.items()})
+            h = {k: jnp.asarray(v) for k, v in hp.items()}
+            if not (sae_trains and loss.auxk):
+                return jax.vmap(lambda st, hh: member(st, hh, False))(state, h)
+            return skip_auxk_unless_dead(sae_cfg, state,
+                                         lambda s, auxk: jax.vmap(lambda st, hh: member(st, hh, auxk))(s, h))
 
     return jit_step(step, shardings, shardings[0] if shardings else None)

@@ -31,8 +31,10 @@ def init_state(params, tx: optax.GradientTransformation, sae_cfg: SAEConfig, see
 
 def sae_loss(sae_module, sae_cfg: SAEConfig, params, x, dead, step, k=None, l1=None):
     """MSE-phase loss. x: f32[batch, d_model] (normalised). Returns (loss, (mse, SAEOutput)).
-    k, l1: a sweep member's (traced) k and L1 coefficient (None: the config's)."""
-    x_hat, out = sae_module.apply({"params": params}, x, dead=dead_mask(dead, sae_cfg), train=True,
+    k, l1: a sweep member's (traced) k and L1 coefficient (None: the config's). dead: the dead-latent
+    counter, or None when no latent is dead (AuxK skipped statically)."""
+    x_hat, out = sae_module.apply({"params": params}, x, dead=None if dead is None else dead_mask(dead, sae_cfg),
+                                  train=True,
                                   l1_coeff=l1_coeff_at(step, sae_cfg, l1), k=k)
     mse = reconstruction_loss(x, x_hat)
     return mse + out.aux_loss, (mse, out)
@@ -45,11 +47,14 @@ def post_update(sae_cfg: SAEConfig, params, dead, out, n_tokens, step):
     return params, update_dead_counter(dead, out.fired, n_tokens)
 
 
-def mse_update(sae_module, sae_cfg: SAEConfig, tx, schedule, state: dict, x: jax.Array, k=None, l1=None):
-    """One MSE step of one SAE: (state, metrics). x: [batch, d_model]; k, l1 as in `sae_loss`."""
+def mse_update(sae_module, sae_cfg: SAEConfig, tx, schedule, state: dict, x: jax.Array, k=None, l1=None,
+               auxk: bool = True):
+    """One MSE step of one SAE: (state, metrics). x: [batch, d_model]; k, l1 as in `sae_loss`;
+    auxk=False: no latent is dead (the caller knows), AuxK is not computed."""
     x = x.astype(jnp.float32)
+    dead = state["dead"] if auxk else None
     (loss, (mse, out)), grads = jax.value_and_grad(
-        lambda p: sae_loss(sae_module, sae_cfg, p, x, state["dead"], state["step"], k, l1), has_aux=True)(state["params"])
+        lambda p: sae_loss(sae_module, sae_cfg, p, x, dead, state["step"], k, l1), has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     params, dead = post_update(sae_cfg, params, state["dead"], out, x.shape[0], state["step"])
@@ -82,14 +87,26 @@ def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule
     else:
         hp, tx_of = sweep
 
-        def member(state, x, h):
+        def member(state, x, h, auxk):
             tx_m, sched_m = tx_of(h["lr"])
-            return mse_update(sae_module, sae_cfg, tx_m, sched_m, state, x, h["k"], h["l1_coeff"])
+            return mse_update(sae_module, sae_cfg, tx_m, sched_m, state, x, h["k"], h["l1_coeff"], auxk)
 
         def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
-            return jax.vmap(member, in_axes=(0, None, 0))(state, x, {k: jnp.asarray(v) for k, v in hp.items()})
+            h = {k: jnp.asarray(v) for k, v in hp.items()}
+            return skip_auxk_unless_dead(
+                sae_cfg, state, lambda s, auxk: jax.vmap(lambda st, hh: member(st, x, hh, auxk))(s, h))
 
     return jit_step(step, (state_shardings, batch_sharding), state_shardings)
+
+
+def skip_auxk_unless_dead(sae_cfg: SAEConfig, state: dict, run):
+    """run(state, auxk: bool) for a sweep's stacked state, with AuxK only when some member has a dead
+    latent. AuxK's own `lax.cond` (skip when nothing is dead) becomes a select under vmap, which computes
+    its top-k and matmul for every member on every step; this cond sits outside the vmap, so it skips."""
+    if not kind_of(sae_cfg).uses_k:  # the k kinds are the ones with AuxK
+        return run(state, True)
+    any_dead = jnp.any(dead_mask(state["dead"], sae_cfg))
+    return jax.lax.cond(any_dead, lambda s: run(s, True), lambda s: run(s, False), state)
 
 
 def mse_parts(cfg: C.RunConfig, sae_cfg: SAEConfig, mesh, members=()) -> StepParts:
