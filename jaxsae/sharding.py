@@ -11,9 +11,9 @@ the two mesh axes:
 
 The steps in `jaxsae.train` are built by `jit_step`: given shardings from these rules, their inputs and
 outputs are pinned to them (without, they follow their inputs), so the same code runs on one CPU and on
-a pod by changing the mesh. TopK's `lax.top_k`
-over a sharded `d_sae` is still a global top-k (XLA gathers what it needs), so codes are the same on
-every mesh.
+a pod by changing the mesh. They are traced with their mesh in context (`traced_in_mesh`): TopK's top-k
+over a sharded `d_sae` then runs in two stages (`jaxsae.sae.selection`: a top-k per shard, then over
+the shards' candidates) instead of gathering [batch, d_sae], and gives the same codes on every mesh.
 
 Typical use:
 
@@ -28,6 +28,7 @@ Typical use:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Any, Mapping
@@ -309,8 +310,29 @@ def jit_step(step, in_shardings=None, state_sharding=None):
     if in_shardings is None or all(s is None for s in in_shardings):
         return jax.jit(step, donate_argnums=0)
     mesh = next(s for s in jax.tree.leaves(in_shardings) if isinstance(s, NamedSharding)).mesh
-    return jax.jit(step, donate_argnums=0, in_shardings=tuple(in_shardings),
+    return jax.jit(traced_in_mesh(step, mesh), donate_argnums=0, in_shardings=tuple(in_shardings),
                    out_shardings=(state_sharding, replicated(mesh)))
+
+
+def traced_in_mesh(fn, mesh: Mesh):
+    """`fn` traced with `mesh` as the abstract mesh in context, so code inside it (TopK's two-stage
+    top-k, `jaxsae.sae.selection`) can ask `context_spec` how its arrays are split."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def context_spec(logical: tuple[str | None, ...], shape: tuple[int, ...],
+                 rules: Mapping[str, Any] = RULES) -> P | None:
+    """The mesh axes an array with these logical axes and shape is split over by `rules`, on the mesh of
+    the step being traced (`traced_in_mesh`, which `jit_step` applies); None outside one, or on a mesh
+    that is not a ('data', 'model') one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(AXES) <= set(mesh.axis_names):
+        return None
+    return logical_to_spec(P(*logical), mesh, rules, tuple(shape))
 
 
 def check_splits(shape: tuple[int, ...], sharding) -> None:

@@ -207,3 +207,26 @@ def test_bad_inputs_fail_clearly(checkpoints, tmp_path):
 
     with pytest.raises(CheckpointError, match="not a model directory"):
         load_lm(tmp_path / "does-not-exist")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_without_softcap_keeps_the_causal_window_and_key_masks(window):
+    """`attend` without a soft-cap goes through jax.nn.dot_product_attention: the same output as the
+    dense masked softmax at every query that sees a valid key, padding and sliding window included."""
+    from jaxsae.models.layers import AttentionMask, attend
+
+    b, t, h, kv, d = 2, 12, 4, 2, 8
+    q, k, v = (np.random.default_rng(i).standard_normal((b, t, n, d)).astype(np.float32)
+               for i, n in enumerate((h, kv, kv)))
+    key_valid = np.ones((b, t), bool)
+    key_valid[0, :3] = False  # left padding
+    key_valid[1, 7] = False  # a hole
+    mask = AttentionMask(t, window, jnp.asarray(key_valid))
+    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale=d**-0.5))
+    dense = np.asarray(mask.dense())[:, 0, 0]  # [b, t, s]
+    logits = np.einsum("bthd,bshd->bhts", q, np.repeat(k, h // kv, axis=2)) * d**-0.5
+    logits = np.where(dense[:, None], logits, -1e30)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhts,bshd->bthd", probs / probs.sum(-1, keepdims=True), np.repeat(v, h // kv, axis=2))
+    seen = dense.any(-1)  # a query with no visible key (padding itself) has no defined output
+    np.testing.assert_allclose(got[seen], want[seen], rtol=1e-5, atol=1e-6)

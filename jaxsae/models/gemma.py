@@ -23,7 +23,8 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, heads_in, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, GemmaRMSNorm, attend, param, rotary, run_blocks, sqrt_in_dtype
+from jaxsae.models.layers import (ACTIVATIONS, AttentionMask, GemmaRMSNorm, attend, param, rotary, run_blocks,
+                                  sqrt_in_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +67,7 @@ class GemmaAttention(nn.Module):
     cfg: GemmaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         """x: [b, t, D] -> [b, t, D]."""
         c, dt = self.cfg, self.cfg.jnp_dtype
         D, h, kv, d = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
@@ -98,7 +99,7 @@ class GemmaBlock(nn.Module):
     cfg: GemmaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         c, dt = self.cfg, self.cfg.jnp_dtype
         norm = lambda name: GemmaRMSNorm(c.rms_norm_eps, dt, name=name)  # noqa: E731
         a = GemmaAttention(c, name="self_attn")(norm("input_layernorm")(x), mask)

@@ -23,7 +23,7 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import Rule, Transform, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, LayerNorm, attend, param, rotary, run_blocks
+from jaxsae.models.layers import ACTIVATIONS, AttentionMask, LayerNorm, attend, param, rotary, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class NeoXAttention(nn.Module):
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         """x: [b, t, D] -> [b, t, D]."""
         c, dt = self.cfg, self.cfg.jnp_dtype
         h, d, D = c.n_heads, c.head_dim, c.d_model
@@ -104,7 +104,7 @@ class NeoXBlock(nn.Module):
     cfg: GPTNeoXConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         c = self.cfg
         ln1 = LayerNorm(c.layer_norm_eps, c.jnp_dtype, name="input_layernorm")
         ln2 = LayerNorm(c.layer_norm_eps, c.jnp_dtype, name="post_attention_layernorm")

@@ -10,8 +10,9 @@ Shapes: `b` batch, `t` query positions, `s` key positions, `h` query heads, `k` 
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -117,26 +118,43 @@ def attention_mask(t: int, sliding_window: int | None = None,
 
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query sees, kept as its parts: key j is visible from query i when j <= i, with a
+    window w also j > i - w (transformers' sliding-window convention), and key_valid[b, j].
+
+    The parts, not a dense [t, s] array, reach `attend`: attention without a logit soft-cap hands them
+    to `jax.nn.dot_product_attention`, whose fused kernels can skip the masked half.
+    """
+
+    t: int
+    window: int | None = None
+    key_valid: jax.Array | None = None  # bool[b, s], padding False
+
+    def dense(self) -> jax.Array:
+        """bool[b or 1, 1, 1, t, s] (`attention_mask`)."""
+        return attention_mask(self.t, self.window, self.key_valid)
+
+
 def run_blocks(layers, h: jax.Array, start: int, stop: int, key_valid: jax.Array | None = None,
                window=lambda i: None) -> jax.Array:
-    """Blocks layers[start:stop] on the residual h: [b, t, D] -> [b, t, D], with one attention mask per
-    distinct sliding window (window(i): block i's, None = full causal; Gemma 2 alternates two)."""
-    masks: dict[int | None, jax.Array] = {}
+    """Blocks layers[start:stop] on the residual h: [b, t, D] -> [b, t, D], each with its
+    `AttentionMask` (window(i): block i's sliding window, None = full causal; Gemma 2 alternates two)."""
     for i in range(start, stop):
-        w = window(i)
-        if w not in masks:
-            masks[w] = attention_mask(h.shape[1], w, key_valid)
-        h = layers[i](h, masks[w])
+        h = layers[i](h, AttentionMask(h.shape[1], window(i), key_valid))
     return h
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float,
            softcap: float | None = None) -> jax.Array:
     """Scaled dot-product attention with grouped key/value heads.
 
-    q: [b, t, h, d]; k, v: [b, s, kv, d] with h a multiple of kv; mask: bool broadcastable to
-    [b, kv, g, t, s]. Returns [b, t, h, d]. Logits are soft-capped (Gemma 2) before masking and the
-    softmax runs in float32, then probabilities are cast back to the activation dtype (as transformers).
+    q: [b, t, h, d]; k, v: [b, s, kv, d] with h a multiple of kv. Returns [b, t, h, d]. The softmax
+    runs in float32, then probabilities are cast back to the activation dtype (as transformers).
+    Without a soft-cap: `jax.nn.dot_product_attention` (causal, windowed, key mask). With one (Gemma 2),
+    which it cannot express, logits are soft-capped before masking over the dense [t, s] mask.
     """
+    if softcap is None:
+        return _fused_attention(q, k, v, mask, scale)
     b, t, h, d = q.shape
     kv = k.shape[2]
     # Head-major operands ([b, kv, g, t, d], [b, kv, s, d]): both einsums become plain batched
@@ -146,12 +164,32 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     logits = jnp.einsum("bkgtd,bksd->bkgts", qg, kh) * jnp.asarray(scale, q.dtype)
     logits = logits.astype(jnp.float32)
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.tanh(logits / softcap) * softcap
+    logits = jnp.where(mask.dense(), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, vh)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float) -> jax.Array:
+    """`attend` without a soft-cap: causal (and windowed) by flags, padding by a key mask [b, 1, 1, s].
+
+    On GPU in bf16/f16 it asks for cuDNN's flash attention, which skips the masked half; a shape or
+    version cuDNN does not take fails at trace time and falls back to XLA's (also the CPU/TPU path).
+    XLA's is the dense masked softmax: in float32 the same numbers as the soft-capped path without its
+    cap; in bf16 its logits are accumulated and scaled in float32 (transformers rounds them to bf16).
+    """
+    key_mask = None if mask.key_valid is None else mask.key_valid[:, None, None, :]
+    # left window w - 1 and no right window: j in (i - w, i], the convention of `AttentionMask`
+    window = None if mask.window is None else (mask.window - 1, 0)
+    attn = functools.partial(jax.nn.dot_product_attention, q, k, v, mask=key_mask, scale=scale,
+                             is_causal=True, local_window_size=window)
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return attn(implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # XLA's below
+    return attn(implementation="xla")
 
 
 def sqrt_in_dtype(n: int, dtype) -> jax.Array:

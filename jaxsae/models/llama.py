@@ -24,7 +24,7 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, Transform, heads_in, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, attend, param, rotary, run_blocks
+from jaxsae.models.layers import ACTIVATIONS, AttentionMask, attend, param, rotary, run_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +113,7 @@ class LlamaAttention(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         """x: [b, t, D] -> [b, t, D]."""
         c, dt = self.cfg, self.cfg.jnp_dtype
         bias = c.attention_bias
@@ -155,7 +155,7 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask) -> jax.Array:
         c = self.cfg
         x = x + LlamaAttention(c, name="self_attn")(LlamaRMSNorm(c.rms_norm_eps, c.jnp_dtype,
                                                                  name="input_layernorm")(x), mask)

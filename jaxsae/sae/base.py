@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.selection import top_k
 
 
 class SAEOutput(NamedTuple):
@@ -117,7 +118,7 @@ def auxk_loss(
         # Live latents get the most negative float so top_k never prefers them;
         # if fewer than k_aux latents are dead the extra picks relu to 0.
         masked = jnp.where(dead[None, :], pre, jnp.finfo(pre.dtype).min)
-        vals, idx = jax.lax.top_k(masked, k_aux)
+        vals, idx = top_k(masked, k_aux)  # two-stage when d_sae is split over the mesh
         f_aux = scatter_rows(pre.shape, idx, jax.nn.relu(vals))
         e_hat = f_aux @ W_dec.astype(f_aux.dtype)
         num = jnp.sum((residual - e_hat) ** 2)

@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxsae.sae.base import keep_first
 from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.selection import keep_batch_top_k
 from jaxsae.sae.topk import TopKSAE
 
 UNCALIBRATED = -1.0
@@ -42,10 +43,13 @@ def batch_topk_activation(pre: jax.Array, k: int, k_active=None) -> jax.Array:
     """f32[N, S] -> f32[N, S] keeping the top k*N ReLU'd entries of the batch (k_active*N of them with a
     traced k_active <= k: a sweep's member in a program built at the largest k)."""
     n, s = pre.shape
-    flat = jax.nn.relu(pre).reshape(-1)
-    vals, idx = jax.lax.top_k(flat, min(k * n, n * s))
-    vals = vals if k_active is None else keep_first(vals, jnp.minimum(k_active * n, n * s))
-    return jnp.zeros_like(flat).at[idx].set(vals).reshape(n, s)
+    if k_active is not None:  # a sweep's member (under vmap): one-stage, then its own k of the kept
+        flat = jax.nn.relu(pre).reshape(-1)
+        vals, idx = jax.lax.top_k(flat, min(k * n, n * s))
+        vals = keep_first(vals, jnp.minimum(k_active * n, n * s))
+        return jnp.zeros_like(flat).at[idx].set(vals).reshape(n, s)
+    # two-stage when d_sae is split over the mesh: no device gathers the whole [N, S] batch
+    return keep_batch_top_k(jax.nn.relu(pre), min(k * n, n * s))
 
 
 def update_threshold(threshold: jax.Array, f: jax.Array, decay: float = 0.999) -> jax.Array:

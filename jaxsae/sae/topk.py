@@ -13,15 +13,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxsae.sae.base import SAEBase, auxk_loss, keep_first, scatter_rows
+from jaxsae.sae.selection import top_k
 
 
 def topk_activation(pre: jax.Array, k: int) -> jax.Array:
     """f32[N, S] -> f32[N, S] with only each row's top-k (ReLU'd) entries kept.
 
-    jax.lax.top_k is a global top-k over the whole d_sae axis (under sharding
-    XLA gathers the axis; fine at SAE widths).
+    A global top-k over the whole d_sae axis; with d_sae split over the mesh it
+    runs in two stages instead of gathering the axis (`jaxsae.sae.selection`).
     """
-    vals, idx = jax.lax.top_k(pre, k)
+    vals, idx = top_k(pre, k)
     return scatter_rows(pre.shape, idx, jax.nn.relu(vals))
 
 
@@ -36,7 +37,9 @@ class TopKSAE(SAEBase):
         return topk_activation(pre, self.cfg.k)
 
     def activate_sparse(self, pre: jax.Array, train: bool, k=None):
-        vals, idx = jax.lax.top_k(pre, self.cfg.k)
+        # a sweep's member (k given, under vmap) selects in one stage: its SAE axis may already hold the
+        # mesh's model axis, so a member's d_sae is not split
+        vals, idx = top_k(pre, self.cfg.k) if k is None else jax.lax.top_k(pre, self.cfg.k)
         vals = keep_first(jax.nn.relu(vals), k)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
