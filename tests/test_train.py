@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxsae
-from conftest import run_cmd, tiny_args
+from conftest import HAS_TENSORBOARD, run_cmd, tiny_args
 
 ROOT = Path(__file__).parent.parent
 
@@ -60,8 +60,9 @@ def test_load_sae_restores_for_analysis(finished_run):
 def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_path):
     """Kill the run (SIGKILL) mid-MSE-phase, start the same command again: identical final params."""
     run_dir = tmp_path / "killed"
+    tracker = ("--set", "tracker.kind=tensorboard") if HAS_TENSORBOARD else ()
     env = {**os.environ, "JAXSAE_STEP_DELAY": "0.05"}  # slow steps down so the kill lands mid-phase
-    p = subprocess.Popen(_args(tiny_model, run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(_args(tiny_model, run_dir, *tracker), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     ckpts = run_dir / "checkpoints" / "mse"
     deadline = time.time() + 300
@@ -72,7 +73,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_p
     p.wait()
     steps = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
     assert steps and steps[-1] < 100, steps  # it really was interrupted
-    r = _run(_args(tiny_model, run_dir))
+    r = _run(_args(tiny_model, run_dir, *tracker))
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = jaxsae.load_sae(finished_run), jaxsae.load_sae(run_dir)
     for k in a.params:
@@ -80,6 +81,12 @@ def test_resume_after_kill_matches_uninterrupted(tiny_model, finished_run, tmp_p
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                     if json.loads(line)["phase"] == "mse"]
     assert steps_logged == sorted(set(steps_logged))  # no duplicated lines after the resume
+    if tracker:  # the tracker has every step once too (a kill between its write and metrics.jsonl's: twice)
+        from test_tracking import read_events
+
+        tb = sorted(s for s, _ in read_events(run_dir / "tracker")["scalars"]["mse/train/loss"])
+        assert sorted(set(tb)) == steps_logged and len(tb) - len(set(tb)) <= 1, tb
+        assert len(list((run_dir / "tracker").glob("events.*"))) == 2  # the killed run's file, the resume's
 
 
 @pytest.mark.parametrize("extra,match", [
