@@ -112,6 +112,7 @@ def world(finished_run, tiny_model, tmp_path_factory) -> World:
         "unequal-norms": _unequal_norms_sae(finished_run, tmp / "unequal-norms"),
         "saelens-weights": _saelens(tmp),
         "no-config": no_cfg,
+        "store": finished_run / "store",  # read-only: a store of layer 1
     }
     return World(tmp, tiny_model, tmp / "unused", bad)
 
@@ -154,6 +155,14 @@ def _cases() -> list[Case]:
           "the following arguments are required: --config", own_process=True),
         c("train-set-bad-yaml", lambda w: w.train("--set", "phases=[mse,"), "the value is not valid YAML"),
         c("train-guard-ratio", lambda w: w.train("--set", "guard.loss_ratio=0.5"), "guard.loss_ratio=0.5 must be"),
+        c("train-hook-layer-out-of-range", lambda w: w.train("--set", "hook.layer=7"),
+          "hook.layer=7 is out of range for a 4-layer model: choose 0..3"),
+        c("train-unknown-key", lambda w: w.train("--set", "sae.kay=3"), "unknown config key sae.kay"),
+        c("train-k-over-d-sae", lambda w: w.train("--set", "sae.k=500"), "sae.k=500 exceeds sae.d_sae=128"),
+        c("train-store-of-another-layer", lambda w: w.train("--set", f"store.path={w.bad['store']}", "--set",
+                                                            "hook.layer=2"), "collected at layer 1, not hook.layer=2"),
+        c("train-checkpoint-of-another-sae", lambda w: w.train("--set", "sae.d_sae=256"),
+          "holds a mse checkpoint trained with sae.d_sae=128, but the config says sae.d_sae=256", "copy"),
         # --- the model
         c("train-truncated-model-config", lambda w: w.train(model=w.bad["truncated-config"]),
           "config.json is not valid JSON"),
