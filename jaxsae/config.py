@@ -30,6 +30,7 @@ LMSharding = Literal["replicated", "fsdp", "tensor"]
 Schedule = Literal["warmup_decay", "linear", "constant"]
 AdapterKind = Literal["lm_lora", "sae_lora", "output", "output_mlp"]
 InitFormat = Literal["", "jaxsae", "saelens", "dictionary_learning"]
+TrackerKind = Literal["none", "tensorboard", "wandb"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +188,19 @@ class GuardCfg:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackerCfg:
+    """An experiment tracker that receives what metrics.jsonl and eval.json hold (`jaxsae.tracking`):
+    every logged step (tag <phase>/<key>, e.g. mse/train/loss, at the phase's step), each phase's
+    evaluation and the report figure at the end. Optional extras: pip install jaxsae[tensorboard] or
+    jaxsae[wandb]. Written by process 0 only; metrics.jsonl stays the record of the run."""
+
+    kind: TrackerKind = "none"
+    project: str = "jaxsae"  # wandb's project (tensorboard ignores it)
+    name: str | None = None  # the tracker's run name; None = the config's `name`
+    dir: str = ""  # "" -> <run_dir>/tracker (tensorboard's event files; wandb's offline files)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     name: str = "run"
     phases: tuple = ("mse", "finetune")  # names from jaxsae.phases.PHASES, in that order
@@ -203,6 +217,7 @@ class RunConfig:
     checkpoint: CheckpointCfg = CheckpointCfg()
     eval: EvalCfg = EvalCfg()
     guard: GuardCfg = GuardCfg()
+    tracker: TrackerCfg = TrackerCfg()
     # keys that vary across SAEs trained as one program (`jaxsae.sweep`): {"sae.k": [8, 16], ...}
     sweep: dict = dataclasses.field(default_factory=dict)
 

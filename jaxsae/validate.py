@@ -41,6 +41,9 @@ def check_static(cfg: RunConfig) -> None:
                            "stops a run; guard.enabled=false turns the guard off)")
     need(g.grace_steps >= 0, f"guard.grace_steps={g.grace_steps} must be >= 0")
     need(g.dead_steps >= 1, f"guard.dead_steps={g.dead_steps} must be >= 1")
+    t = cfg.tracker
+    need(t.kind != "wandb" or bool(t.project.strip()), "tracker.project must not be empty with tracker.kind=wandb")
+    need(t.name is None or bool(t.name.strip()), "tracker.name must not be empty: leave it out (null) to use `name`")
     need(cfg.mesh.model >= 1, f"mesh.model={cfg.mesh.model} must be >= 1")
     need(cfg.mesh.data is None or cfg.mesh.data >= 1, f"mesh.data={cfg.mesh.data} must be >= 1 (or null: all)")
     need(cfg.sae.d_model == 0, f"sae.d_model={cfg.sae.d_model}: leave it out, it comes from the model")

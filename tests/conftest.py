@@ -3,6 +3,7 @@ MSE steps and 24 fine-tune steps (about half a minute on two CPU cores), trained
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
+# the test extra installs both; the shared run then also logs to TensorBoard (tests/test_tracking.py)
+HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))
 
 
 def tiny_args(model: Path | str, run_dir: Path, *extra: str) -> list[str]:
@@ -38,8 +41,9 @@ def tiny_model() -> Path:
 
 @pytest.fixture(scope="session")
 def finished_run(tiny_model, tmp_path_factory) -> Path:
-    """A finished tiny run (mse + finetune); copy it (shutil.copytree) before changing anything in it."""
+    """A finished tiny run (mse + control + finetune, logged to TensorBoard when it is installed); copy it (shutil.copytree) before changing anything in it."""
     run_dir = tmp_path_factory.mktemp("runs") / "full"
-    r = run_cmd(tiny_args(tiny_model, run_dir))
+    tracker = ("--set", "tracker.kind=tensorboard") if HAS_TENSORBOARD else ()
+    r = run_cmd(tiny_args(tiny_model, run_dir, *tracker))
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir

@@ -49,6 +49,9 @@ def test_overrides_and_yaml_scientific_notation(tmp_path):
     (["model.dtype=int8"], r"model\.dtype='int8'"),
     (["sae=3"], r"sae must be a mapping"),
     (["mse.lr"], r"must look like key\.path=value"),
+    (["tracker.kind=mlflow"], r"tracker\.kind='mlflow': choose one of 'none', 'tensorboard', 'wandb'"),
+    (["tracker.logdir=x"], r"unknown config key tracker\.logdir: valid keys here are dir, kind, name, project"),
+    (["tracker.kind=wandb", "tracker.project="], r"tracker\.project must not be empty"),
 ])
 def test_bad_values_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

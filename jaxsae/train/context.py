@@ -234,6 +234,7 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     run_dir, remote = split_run_dir(cfg, run_dir)
     preflight.check_run_dir(run_dir)
     preflight.check_sources(cfg)
+    preflight.check_tracker(cfg)
     model_path = resolve_model_path(cfg.model.path)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)

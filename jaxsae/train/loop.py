@@ -41,18 +41,27 @@ __all__ = ["TrainingError", "MetricsLog", "PhaseLoop", "StepParts", "check_resum
 class MetricsLog:
     """metrics.jsonl: one JSON line per logged step, appended (a torn last line, left by a kill, is cut
     off first); on resume, the lines past the restored step are dropped. `guard`: the divergence guard
-    settings (config `guard:`) that every phase's steps are checked against."""
+    settings (config `guard:`) that every phase's steps are checked against. `tracker`: where every
+    line is mirrored (config `tracker:`, `jaxsae.tracking`); the steps a resume drops and computes again
+    are not sent to it twice."""
 
-    def __init__(self, path: Path, enabled: bool = True, guard: C.GuardCfg = C.GuardCfg()):
+    def __init__(self, path: Path, enabled: bool = True, guard: C.GuardCfg = C.GuardCfg(), tracker=None):
+        from jaxsae.tracking import NullTracker
+
         self.path = path
         self.enabled = enabled  # False on every process but the first: metrics are logged once
         self.guard = guard
+        self.tracker = tracker if tracker is not None and enabled else NullTracker()
+        self.tracked: dict[str, int] = {}  # phase -> the last step the tracker has from a killed run
 
     def rewind(self, phase: str, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
         records = read_jsonl(self.path)
         keep = [r for r in records if not (r.get("phase") == phase and r.get("step", 0) > step)]
+        dropped = [r.get("step", 0) for r in records if r.get("phase") == phase and r.get("step", 0) > step]
+        if dropped:
+            self.tracked[phase] = max(dropped)
         if len(keep) != len(records) or not self.path.read_bytes().endswith(b"\n"):
             write_jsonl(self.path, keep)
 
@@ -62,6 +71,8 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            if record.get("step", 0) > self.tracked.get(record.get("phase"), -1):
+                self.tracker.log(record)
             append_jsonl(self.path, record)
 
 

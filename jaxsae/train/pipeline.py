@@ -160,26 +160,32 @@ def run_planned(p: Plan) -> dict:
     from jaxsae.models import load_lm
     from jaxsae.report import write_report
     from jaxsae.rundir import atomic_write_text
+    from jaxsae.tracking import NullTracker, log_run_end, open_tracker
 
     cfg = p.cfg
     p.run_dir.mkdir(parents=True, exist_ok=True)
     sync_remote(p, down=True)  # a resumed pod run continues the metrics written before
     if is_main():
         atomic_write_text(p.run_dir / "config.yaml", C.dump(cfg))
-    log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main(), guard=cfg.guard)
-    lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
-    ctx = Context(p, lm, collect_store(p, lm, log), log)
-    starts: dict[str, Start] = {"init": init_start(ctx)} if p.init is not None else {}
-    results = {}
-    for phase in P.ordered(cfg.phases):
-        start = starts.get(P.start_of(phase, starts)) if phase.starts else None
-        t0 = time.time()
-        trained = phase.load()(ctx, phase, start)
-        results[phase.name] = evaluate_phase(ctx, phase.name, trained, time.time() - t0,
-                                             None if start is None else start.name)
-        if phase.holds == "sae":
-            starts[phase.name] = trained.start(phase.name, l0_of(results[phase.name], ctx.member_names))
-    if is_main():
-        write_report(p.run_dir)
-    sync_remote(p)
-    return results
+    tracker = open_tracker(cfg.tracker, p.run_dir, cfg.name, cfg.to_dict()) if is_main() else NullTracker()
+    try:
+        log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main(), guard=cfg.guard, tracker=tracker)
+        lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
+        ctx = Context(p, lm, collect_store(p, lm, log), log)
+        starts: dict[str, Start] = {"init": init_start(ctx)} if p.init is not None else {}
+        results = {}
+        for phase in P.ordered(cfg.phases):
+            start = starts.get(P.start_of(phase, starts)) if phase.starts else None
+            t0 = time.time()
+            trained = phase.load()(ctx, phase, start)
+            results[phase.name] = evaluate_phase(ctx, phase.name, trained, time.time() - t0,
+                                                 None if start is None else start.name)
+            if phase.holds == "sae":
+                starts[phase.name] = trained.start(phase.name, l0_of(results[phase.name], ctx.member_names))
+        if is_main():
+            write_report(p.run_dir)
+            log_run_end(tracker, p.run_dir)  # the eval table and the report figure
+        sync_remote(p)
+        return results
+    finally:
+        tracker.close()

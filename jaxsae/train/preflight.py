@@ -3,7 +3,7 @@
 Each raises one user error (ConfigError, CheckpointError, StoreError, CorruptFileError) naming the file
 or key and the fix: the run directory (a directory, writable, its metrics readable), the model's
 files (config.json, the weights' headers and shapes), the text sources, an existing store (its
-manifest), and the SAE of finetune.init_from (a unit-norm decoder where the fine-tune keeps one).
+manifest), the experiment tracker's package, and the SAE of finetune.init_from (a unit-norm decoder where the fine-tune keeps one).
 """
 
 from __future__ import annotations
@@ -81,3 +81,10 @@ def check_init(init) -> None:
         unit_rows(init.cfg, init.params)
     except ValueError as e:
         raise C.ConfigError(f"finetune.init_from: {e}") from None
+
+
+def check_tracker(cfg: C.RunConfig) -> None:
+    """tracker.kind's package is installed (`jaxsae.tracking.check`); the message names the extra."""
+    from jaxsae.tracking import check
+
+    check(cfg.tracker)
