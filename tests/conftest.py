@@ -4,8 +4,11 @@ MSE steps and 24 fine-tune steps (about half a minute on two CPU cores), trained
 from __future__ import annotations
 
 import importlib.util
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,21 @@ def tiny_args(model: Path | str, run_dir: Path, *extra: str) -> list[str]:
 
 def run_cmd(args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600, **kw)
+
+
+def kill_mid_phase(args, run_dir: Path, phase: str = "mse", after_step: int = 30) -> list[int]:
+    """Starts `python -m jaxsae.train` (args), SIGKILLs it once `phase` has a checkpoint at or past
+    after_step (steps slowed down so the kill lands mid-phase); returns the checkpoint steps left."""
+    env = {**os.environ, "JAXSAE_STEP_DELAY": "0.05"}
+    p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run_dir / "checkpoints" / phase
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(d.name.isdigit() and int(d.name) >= after_step
+                                                                 for d in ckpts.iterdir())):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) if ckpts.exists() else []
 
 
 @pytest.fixture(scope="session")

@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_cmd, tiny_args
+from conftest import kill_mid_phase, run_cmd, tiny_args
 
 import jaxsae
 from jaxsae.config import ConfigError, FinetuneCfg, MSECfg, load_config
@@ -191,17 +187,8 @@ def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run):
 
 def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_path):
     run_dir = tmp_path / "killed"
-    env = {**os.environ, "JAXSAE_STEP_DELAY": "0.05"}
-    p = subprocess.Popen(_sweep_args(tiny_model, run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    ckpts = run_dir / "checkpoints" / "mse"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts.exists() and any(d.name.isdigit() and int(d.name) >= 30
-                                                                 for d in ckpts.iterdir())):
-        time.sleep(0.1)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert max(int(d.name) for d in ckpts.iterdir() if d.name.isdigit()) < 100  # really interrupted
+    steps = kill_mid_phase(_sweep_args(tiny_model, run_dir), run_dir)
+    assert steps and steps[-1] < 100, steps  # really interrupted
     r = run_cmd(_sweep_args(tiny_model, run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("k4", "k8"):
