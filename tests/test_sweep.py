@@ -164,7 +164,7 @@ def sweep_run(tiny_model, tmp_path_factory):
     return run_dir
 
 
-def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run):
+def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run, tmp_path):
     """Member k8 of the sweep is the tiny run (k=8) trained alone: same evaluation after every phase,
     same final SAE; the sweep's files name their members."""
     single, swept = (json.loads((d / "eval.json").read_text()) for d in (finished_run, sweep_run))
@@ -181,6 +181,11 @@ def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run):
         jaxsae.load_sae(sweep_run)
     rows = [json.loads(line) for line in (sweep_run / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("sae") for r in rows if r["phase"] == "finetune"} == {"k4", "k8"}
+    from jaxsae.interop.__main__ import main as interop_main
+
+    assert interop_main(["export", str(sweep_run), str(tmp_path / "out"), "--format", "saelens", "--sae", "all"]) == 0
+    for name, k in (("k4", 4), ("k8", 8)):
+        assert json.loads((tmp_path / "out" / name / "cfg.json").read_text())["k"] == k
     report = (sweep_run / "report.md").read_text()
     assert "| k4 |" in report and "finetune − control" in report and (sweep_run / "report.png").exists()
 

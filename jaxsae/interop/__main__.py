@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("run_dir", type=Path)
     ex.add_argument("out_dir", type=Path)
     ex.add_argument("--format", required=True, choices=("saelens", "dictionary_learning"))
-    ex.add_argument("--sae", default=None, metavar="NAME", help="a sweep's SAE, by name (e.g. k16-s0)")
+    ex.add_argument("--sae", default=None, metavar="NAME", help="a sweep's SAE, by name (e.g. k16-s0), or 'all': "
+                    "each member into OUT_DIR/NAME")
     ex.add_argument("--model-name", help="model name to record (default: the checkpoint's model path)")
     im = sub.add_parser("import", help="SAELens / dictionary_learning -> jaxsae checkpoint")
     im.add_argument("path", type=Path)
@@ -165,10 +166,28 @@ def _run(a: argparse.Namespace):
         if a.cmd == "export":
             from jaxsae import load_sae
 
-            sae = load_sae(a.run_dir, a.sae)
             rc_path = cli.run_config_of(a.run_dir)
             rc = yaml.safe_load(rc_path.read_text()) if rc_path else None
-            replace_dir(a.out_dir, lambda d: interop.export(sae, d, a.format, run_config=rc, model_name=a.model_name))
+            if a.sae == "all":  # every member of a sweep, each in its own directory
+                from jaxsae.sae.load import checkpoint_dir, sweep_names
+                from jaxsae.checkpoint import Checkpointer
+
+                d, _ = checkpoint_dir(a.run_dir)
+                names = sweep_names(Checkpointer(d).restore_meta())
+                if not names:
+                    raise ValueError(f"{a.run_dir} is not a sweep: leave --sae out")
+                saes = {n: load_sae(a.run_dir, n) for n in names}
+
+                def write_all(out):
+                    for n, one in saes.items():
+                        interop.export(one, out / n, a.format, run_config=rc, model_name=a.model_name)
+
+                replace_dir(a.out_dir, write_all)
+                sae = saes[names[0]]
+            else:
+                sae = load_sae(a.run_dir, a.sae)
+                replace_dir(a.out_dir, lambda d: interop.export(sae, d, a.format, run_config=rc,
+                                                                model_name=a.model_name))
         else:
             from jaxsae.models.shipped import resolve_model_path
 
