@@ -124,3 +124,23 @@ def test_compiles_a_sweeps_stacked_steps_with_the_sae_axis_over_model():
     # one SAE's whole state per device (sweep) vs a quarter of one SAE's (single, d_sae over model=4)
     assert steps[0].argument_bytes - batch["sweep"] == pytest.approx(4 * (single[0].argument_bytes - batch["single"]),
                                                                      rel=0.05)
+
+
+def test_a_hub_model_fetches_its_config_json_alone(tmp_path, monkeypatch):
+    """The ahead-of-time check reads only config.json: a hub id does not download the weights."""
+    import shutil
+
+    import huggingface_hub
+
+    from jaxsae.models.shipped import SHIPPED
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **_):
+        asked.append((repo_id, allow_patterns))
+        shutil.copy(Path(SHIPPED) / "config.json", tmp_path / "config.json")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    mcfg = model_config(_cfg("model.path=org/some-model"))
+    assert asked == [("org/some-model", ["config.json"])] and mcfg.d_model == 128

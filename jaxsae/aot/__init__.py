@@ -107,12 +107,12 @@ def _summarise(name: str, compiled) -> Compiled:
 
 
 def model_config(cfg):
-    """The LM's config (read from config.json of model.path: no weights are read)."""
+    """The LM's config, from model.path's config.json (a hub id fetches that file alone, not the weights)."""
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
     from jaxsae.models.shipped import resolve_model_path
 
-    return read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
+    return read_config(resolve(resolve_model_path(cfg.model.path), patterns=["config.json"]), cfg.model.dtype)
 
 
 def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], object]:
