@@ -78,6 +78,11 @@ def test_projection_of_the_whole_budget_is_the_stated_arithmetic(compiled):
     r4 = {r.name: r for r in project(_cfg("mesh.model=4"), mcfg, steps4, mesh4, None, 0.4, stream_rows=1001)}
     assert r4["stream buffer"].bytes == 501 * 128 * 4  # ceil(1001 / 2) rows per device
     assert all(r.hours is None for r in r4.values()) and r4["mse"].flops == r4["mse"].steps * steps4[0].flops
+    # mesh (2, 4): a replicated LM repeats the collection's forward along model, a tensor-sharded one splits it
+    collect = rows["collect (LM to block 2)"].flops * 8
+    assert r4["collect (LM to block 2)"].flops == pytest.approx(collect / 2, rel=1e-12)
+    tensor = project(_cfg("mesh.model=4", "model.lm_sharding=tensor"), mcfg, steps4, mesh4, None, 0.4)
+    assert tensor[0].flops == pytest.approx(collect / 8, rel=1e-12)
     assert PEAK_TFLOPS == {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 
 

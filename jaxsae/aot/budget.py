@@ -13,7 +13,11 @@ rate. The MFU is an assumption, not a measurement.
 The collection pass (the LM forward to the hook over store.tokens) is estimated, not compiled:
 2 × (parameters of blocks 0..hook) + 2 × (blocks 0..hook) × context × (heads × head_dim) FLOPs per
 token (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1: the forward pass's
-2N plus the attention scores and their weighted sum), the embedding lookup taken as free.
+2N plus the attention scores and their weighted sum), the embedding lookup taken as free, over the
+mesh's data axis (and its model axis for a tensor-sharded LM).
+
+Every hour here is compute at the assumed MFU: reading the store (its bytes are printed), the text
+pipeline and evaluation are not counted, so it is a floor for the run, not a forecast.
 """
 
 from __future__ import annotations
@@ -81,8 +85,10 @@ def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
     if "mse" in cfg.phases:  # the MSE phase reads the store: its rows are collected first
         per_context = cfg.data.context - (0 if cfg.data.include_first_position else 1)
         lm_tokens = math.ceil(cfg.store.tokens / per_context) * cfg.data.context
-        # the collection splits its batch over `data` (repeated along `model`)
-        f = lm_tokens * collection_flops_per_token(mcfg, cfg.hook.layer, cfg.data.context) / data
+        # the collection splits its batch over `data`; along `model` a replicated or fsdp LM repeats the
+        # forward, a tensor-sharded one splits its matmuls (taken as an even split)
+        split = data * (mesh.shape["model"] if cfg.model.lm_sharding == "tensor" else 1)
+        f = lm_tokens * collection_flops_per_token(mcfg, cfg.hook.layer, cfg.data.context) / split
         rows.append(Row(f"collect (LM to block {cfg.hook.layer})", flops=f, hours=hours(f),
                         note=f"{lm_tokens:,} LM tokens; estimated 2N + 2·L·ctx·d_attn, not compiled"))
     for s in steps:
@@ -104,7 +110,8 @@ def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
 def format_rows(rows: list[Row], peak_tflops: float | None, mfu: float, where: str) -> list[str]:
     """The printed block."""
     head = (f"projection for the whole budget: {where} at {peak_tflops:g} TFLOP/s per chip x MFU {mfu:g} "
-            f"(an assumption)" if peak_tflops is not None else
+            f"(an assumption); compute only, a floor: store reads, text and evaluation not counted"
+            if peak_tflops is not None else
             "projection for the whole budget: FLOPs only (give --peak-tflops for hours)")
     out = [head]
     for r in rows:
