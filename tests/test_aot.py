@@ -8,8 +8,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxsae.aot import AOTError, compile_steps, topology_name
+from jaxsae.aot import AOTError, compile_steps, model_config, topology_name
 from jaxsae.aot.__main__ import main
+from jaxsae.aot.budget import PEAK_TFLOPS, project
 from jaxsae.config import load_config
 
 ROOT = Path(__file__).parent.parent
@@ -26,10 +27,18 @@ def _eight_devices():
         pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
 
-def test_compiles_both_steps_on_the_local_mesh_and_the_sae_share_drops_with_the_model_axis():
+@pytest.fixture(scope="module")
+def compiled():
+    """mesh.model -> (steps, mesh) of _cfg's steps on the 8 local devices, compiled once for the module."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return {model: compile_steps(_cfg(f"mesh.model={model}"), jax.devices()) for model in (1, 4)}
+
+
+def test_compiles_both_steps_on_the_local_mesh_and_the_sae_share_drops_with_the_model_axis(compiled):
     by_model = {}
     for model in (1, 4):
-        steps, mesh = compile_steps(_cfg(f"mesh.model={model}"), jax.devices())
+        steps, mesh = compiled[model]
         # every listed phase's own step: demo.yaml runs mse, the MSE-only control and the fine-tune
         assert [s.name for s in steps] == ["mse step", "control step (fused KL+MSE)", "finetune step (fused KL+MSE)"]
         assert dict(mesh.shape) == {"data": 8 // model, "model": model}
@@ -41,17 +50,59 @@ def test_compiles_both_steps_on_the_local_mesh_and_the_sae_share_drops_with_the_
     assert state[4] == pytest.approx(state[1] / 4, rel=0.05)
 
 
+def test_projection_of_the_whole_budget_is_the_stated_arithmetic(compiled):
+    """hours = steps x compiled FLOPs per device per step / (peak x MFU) / 3600; the store's bytes exact."""
+    cfg = _cfg()
+    (steps, mesh), mcfg = compiled[1], model_config(cfg)
+    rows = {r.name: r for r in project(cfg, mcfg, steps, mesh, 197.0, 0.4)}
+    assert list(rows) == ["collect (LM to block 2)", "mse", "control", "finetune", "total", "disk store",
+                          "stream buffer"]
+    flops = {s.phase: s.flops for s in steps}
+    # demo.yaml: 4.5M MSE tokens in batches of 1024 rows; 500k fine-tune tokens in 16 x 32-token batches
+    for phase, n in (("mse", 4_500_000 // 1024), ("control", 500_000 // 512), ("finetune", 500_000 // 512)):
+        r = rows[phase]
+        assert r.steps == n and r.step_flops == flops[phase]
+        assert r.hours == pytest.approx(n * flops[phase] / (197e12 * 0.4) / 3600, rel=1e-12)
+    # the collection: Kaplan's 2N + 2·L·ctx·d_attn over blocks 0..2 of the shipped GPT-NeoX (d 128, MLP 512;
+    # per block: QKV and output projections with biases, the MLP with biases, two LayerNorms), every
+    # position stored (4.5M tokens = 140,625 contexts of 32), the batch split over data = 8
+    block = (128 * 384 + 384) + (128 * 128 + 128) + (128 * 512 + 512) + (512 * 128 + 128) + 2 * 2 * 128
+    per_token = 2 * 3 * block + 2 * 3 * 32 * 128
+    assert rows["collect (LM to block 2)"].flops == pytest.approx(4_500_000 * per_token / 8, rel=1e-12)
+    assert rows["total"].hours == pytest.approx(sum(r.hours for n, r in rows.items() if n not in
+                                                    ("total", "disk store", "stream buffer")), rel=1e-12)
+    assert rows["disk store"].bytes == 4_500_000 * 128 * 4  # float32 rows of d_model 128
+    # SAELens's buffer (20 x 32 contexts of 32) by default, split over data: 8 on (8, 1), 2 on (2, 4)
+    assert rows["stream buffer"].bytes == 20 * 32 * 32 // 8 * 128 * 4
+    steps4, mesh4 = compiled[4]
+    r4 = {r.name: r for r in project(_cfg("mesh.model=4"), mcfg, steps4, mesh4, None, 0.4, stream_rows=1001)}
+    assert r4["stream buffer"].bytes == 501 * 128 * 4  # ceil(1001 / 2) rows per device
+    assert all(r.hours is None for r in r4.values()) and r4["mse"].flops == r4["mse"].steps * steps4[0].flops
+    # mesh (2, 4): a replicated LM repeats the collection's forward along model, a tensor-sharded one splits it
+    collect = rows["collect (LM to block 2)"].flops * 8
+    assert r4["collect (LM to block 2)"].flops == pytest.approx(collect / 2, rel=1e-12)
+    tensor = project(_cfg("mesh.model=4", "model.lm_sharding=tensor"), mcfg, steps4, mesh4, None, 0.4)
+    assert tensor[0].flops == pytest.approx(collect / 8, rel=1e-12)
+    assert PEAK_TFLOPS == {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
+
+
 def test_cli_reports_and_fails_when_a_step_does_not_fit(capsys):
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "mesh.model=2"]) == 0
     out = capsys.readouterr().out
     assert "mesh data=4 model=2" in out and "finetune step" in out and "GFLOP" in out
-    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--hbm-gib", "0.000001"]) == 1
-    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert "FLOPs only (give --peak-tflops for hours)" in out and "disk store" in out  # local: no peak known
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--hbm-gib", "0.000001", "--peak-tflops", "100",
+                 "--mfu", "0.5"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "at 100 TFLOP/s per chip x MFU 0.5" in out
+    assert any(ln.split()[:1] == ["finetune"] and "steps x" in ln and "~" in ln for ln in out.splitlines())
 
 
 def test_bad_mesh_or_topology_fails_before_compiling(capsys):
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "mesh.model=3"]) == 2
     assert "mesh.model=3 does not divide the 8 devices" in capsys.readouterr().err
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--mfu", "0"]) == 2
+    assert "--mfu 0 must be in (0, 1]" in capsys.readouterr().err
     assert topology_name("v5e-8") == "v5e:2x4" and topology_name("v5litepod-16") == "v5e:4x4"
     assert topology_name("v4-32") == "v4:2x2x4" and topology_name("v6e:4x4") == "v6e:4x4"
     with pytest.raises(AOTError, match="unknown TPU topology 'v9-8'"):
@@ -78,3 +129,23 @@ def test_compiles_a_sweeps_stacked_steps_with_the_sae_axis_over_model():
     # one SAE's whole state per device (sweep) vs a quarter of one SAE's (single, d_sae over model=4)
     assert steps[0].argument_bytes - batch["sweep"] == pytest.approx(4 * (single[0].argument_bytes - batch["single"]),
                                                                      rel=0.05)
+
+
+def test_a_hub_model_fetches_its_config_json_alone(tmp_path, monkeypatch):
+    """The ahead-of-time check reads only config.json: a hub id does not download the weights."""
+    import shutil
+
+    import huggingface_hub
+
+    from jaxsae.models.shipped import SHIPPED
+
+    asked = []
+
+    def fake_download(repo_id, allow_patterns=None, **_):
+        asked.append((repo_id, allow_patterns))
+        shutil.copy(Path(SHIPPED) / "config.json", tmp_path / "config.json")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    mcfg = model_config(_cfg("model.path=org/some-model"))
+    assert asked == [("org/some-model", ["config.json"])] and mcfg.d_model == 128

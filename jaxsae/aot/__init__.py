@@ -2,8 +2,10 @@
 
 Compiles the MSE step and the fused KL+MSE step ahead of time, from abstract inputs, for the run's
 mesh on a named TPU topology (or on this machine's devices), and prints each step's per-device memory
-and FLOPs. A mesh that does not divide the slice, a batch that does not split, or a model that does
-not fit shows up here, on a laptop, before the pod is paid for.
+and FLOPs, then what the config's whole budget projects to (`jaxsae.aot.budget`: hours per phase at
+a peak and an assumed MFU, the disk store, a stream buffer). A mesh that does not divide the slice, a
+batch that does not split, or a model that does not fit shows up here, on a laptop, before the pod is
+paid for.
 
 TPU topologies need `libtpu` installed (`pip install "jax[tpu]"`); no TPU is needed to compile. Names
 are slice names (`v5e-8`, `v4-32`, `v5p-64`, `v6e-16`: cores for v4/v5p, chips for v5e/v6e) or
@@ -73,24 +75,25 @@ def topology_devices(name: str) -> list:
 @dataclasses.dataclass
 class Compiled:
     name: str
-    flops: float | None  # per device, XLA's cost analysis
+    flops: float | None  # per device (the partitioned program's), XLA's cost analysis
     argument_bytes: int
     output_bytes: int
     temp_bytes: int
     code_bytes: int
     alias_bytes: int  # donated inputs reused as outputs
+    phase: str = ""  # the phase (jaxsae.phases) whose step this is
 
     @property
     def peak_bytes(self) -> int:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
 
-def _compile(name: str, lowered) -> Compiled:
+def _compile(name: str, lowered, phase: str) -> Compiled:
     t0 = time.time()
     print(f"compiling {name} ...", file=sys.stderr, flush=True)  # minutes for a 2B model on a laptop
     compiled = lowered.compile()
     print(f"  compiled {name} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    return _summarise(name, compiled)
+    return dataclasses.replace(_summarise(name, compiled), phase=phase)
 
 
 def _summarise(name: str, compiled) -> Compiled:
@@ -103,15 +106,21 @@ def _summarise(name: str, compiled) -> Compiled:
                     get("temp_size_in_bytes"), get("generated_code_size_in_bytes"), get("alias_size_in_bytes"))
 
 
+def model_config(cfg):
+    """The LM's config, from model.path's config.json (a hub id fetches that file alone, not the weights)."""
+    from jaxsae.models import read_config
+    from jaxsae.models.hf import resolve
+    from jaxsae.models.shipped import resolve_model_path
+
+    return read_config(resolve(resolve_model_path(cfg.model.path), patterns=["config.json"]), cfg.model.dtype)
+
+
 def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], object]:
     """Lowers and compiles the step of every listed phase for `devices` (a list, maybe of a described
     topology), from the trainer's own builders (`jaxsae.train.mse.mse_parts`, `jaxsae.train.kl_phase.kl_parts`).
     Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct."""
     from jaxsae import phases as P
-    from jaxsae.models import read_config
-    from jaxsae.models.hf import resolve
     from jaxsae.models.lm import LM, abstract_params
-    from jaxsae.models.shipped import resolve_model_path
     from jaxsae.sharding import abstract_with, lm_param_shardings
     from jaxsae.splice import Splice
     from jaxsae.train.context import mesh_for
@@ -119,7 +128,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
     from jaxsae.train.mse import mse_parts
     from jaxsae.validate import check_against_model, sae_config
 
-    mcfg = read_config(resolve(resolve_model_path(cfg.model.path)), cfg.model.dtype)
+    mcfg = model_config(cfg)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     mesh = mesh_for(cfg, devices, n_processes)
     from jaxsae.sweep import group_sae, members
@@ -133,7 +142,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
             p = mse_parts(cfg, sae_cfg, mesh, ms)
             dtype = jax.numpy.bfloat16 if cfg.store.dtype == "bfloat16" else np.dtype(cfg.store.dtype)
             x = jax.ShapeDtypeStruct((cfg.mse.batch_size, mcfg.d_model), dtype, sharding=p.batch_sh)
-            out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x)))
+            out.append(_compile("mse step", p.step.lower(abstract_with(p.abstract, p.state_sh), x), phase.name))
             continue
         p = kl_parts(cfg, phase, sae_cfg, mesh, Splice(LM(mcfg, None), cfg.hook.layer, 1.0,
                                                         cfg.data.include_first_position),
@@ -142,7 +151,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
                                       sharding=p.batch_sh)
         lowered = p.step.lower(abstract_with(p.abstract, p.state_sh), abstract_with(abstract_params(mcfg), lm_sh),
                                tokens)
-        out.append(_compile(f"{phase.name} step (fused KL+MSE)", lowered))
+        out.append(_compile(f"{phase.name} step (fused KL+MSE)", lowered, phase.name))
     return out, mesh
 
 

@@ -221,8 +221,9 @@ def open_weights(path: Path) -> dict[str, SafetensorsFile | TorchBinFile]:
         f"no weights in {path}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def resolve(path_or_hub_id: str | os.PathLike) -> Path:
-    """A local directory as is; anything else is a hub id fetched through huggingface_hub's cache."""
+def resolve(path_or_hub_id: str | os.PathLike, patterns: list[str] | None = None) -> Path:
+    """A local directory as is; anything else is a hub id fetched through huggingface_hub's cache (the
+    files matching `patterns`; default: config, weights and tokenizer)."""
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         return p
@@ -231,7 +232,8 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=WEIGHT_PATTERNS + ["pytorch_model.bin"]))
+        patterns = WEIGHT_PATTERNS + ["pytorch_model.bin"] if patterns is None else patterns
+        return Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 -- network, auth and missing repos all end the same way
         raise CheckpointError(
             f"could not fetch {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
