@@ -10,7 +10,8 @@ Models (by default both, when present):
   vocab 50304, rotary_pct 0.25, parallel residual), written with `save_pretrained` to a temp dir.
 Both sides load the same directory: jaxsae with `jaxsae.models.load_lm`, PyTorch with
 `transformers.AutoModelForCausalLM.from_pretrained` (float32, eval, `torch.inference_mode`,
-`torch.set_num_threads(cores)`, transformers' default attention implementation).
+`torch.set_num_threads(cores)`, transformers' default attention implementation; on `--torch-device`,
+by default cuda when JAX runs on a GPU and torch sees one, else cpu; each forward synchronised).
 
 Contestants, on the same random token batch:
 * jaxsae: `lm.residual(tokens, layer)`, jit-compiled, runs embed + blocks 0..layer only.
@@ -31,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OtherLoad, interleaved, machine_line, n_cores, table, wait_until_idle  # noqa: E402
+from common import (OtherLoad, interleaved, machine_line, n_cores, table, torch_device_like_jax,  # noqa: E402
+                    torch_device_note, wait_until_idle)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "jaxsae" / "assets" / "pythia-stdlib"
 
@@ -53,7 +55,8 @@ def write_random_neox(out: Path, hidden: int, layers: int, heads: int, inter: in
     return out
 
 
-def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: int, rounds: int) -> list[tuple]:
+def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: int, rounds: int,
+                torch_device: str = "cpu") -> list[tuple]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,13 +67,15 @@ def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: 
 
     lm = load_lm(path)
     layer = lm.check_layer(layer)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dev = torch.device(torch_device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # eager CUDA is async
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(dev)
     body = hf.base_model  # GPTNeoXModel
 
     rng = np.random.default_rng(0)
     tok_np = rng.integers(0, lm.vocab_size, (batch, seq), dtype=np.int32)
     tok_jax = jnp.asarray(tok_np)
-    tok_pt = torch.from_numpy(tok_np.astype(np.int64))
+    tok_pt = torch.from_numpy(tok_np.astype(np.int64)).to(dev)
 
     out: dict[str, object] = {}
 
@@ -80,10 +85,12 @@ def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: 
     def run_full():
         with torch.inference_mode():
             out["full"] = hf(tok_pt, output_hidden_states=True).hidden_states[layer + 1]
+        sync()
 
     def run_base():
         with torch.inference_mode():
             out["base"] = body(tok_pt, output_hidden_states=True).hidden_states[layer + 1]
+        sync()
 
     def grab(_module, _inputs, output):
         out["trunc"] = output[0] if isinstance(output, tuple) else output
@@ -102,6 +109,7 @@ def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: 
             raise RuntimeError("the truncating hook did not fire")
         finally:
             handle.remove()
+        sync()
 
     fns = {"jaxsae residual": run_jax, "torch full (usual)": run_full, "torch base model": run_base,
            "torch truncated": run_trunc}
@@ -114,11 +122,11 @@ def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: 
     # Reference: the hooked block's output (the residual after block `layer`). transformers'
     # hidden_states[layer + 1] is the same tensor except for the last block, where it is taken after
     # the final norm.
-    ref = out["trunc"].numpy()
+    ref = out["trunc"].cpu().numpy()
     a = np.asarray(out["jax"])
     rel = float(np.max(np.abs(a - ref)) / np.max(np.abs(ref)))
     last = layer == lm.n_layers - 1
-    rel_hs = float(np.max(np.abs(out["full"].numpy() - ref)) / np.max(np.abs(ref)))
+    rel_hs = float(np.max(np.abs(out["full"].cpu().numpy() - ref)) / np.max(np.abs(ref)))
     n = batch * seq
     j = sec["jaxsae residual"]
     rows = []
@@ -149,14 +157,19 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--no-shipped", action="store_true", help="skip jaxsae/assets/pythia-stdlib")
     ap.add_argument("--no-wait", action="store_true", help="don't wait for other heavy jobs to finish")
+    ap.add_argument("--torch-device", default=None,
+                    help="device of the PyTorch forward (default: cuda when JAX runs on a GPU and torch sees "
+                         "one, else cpu: the device jaxsae runs on)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(n_cores())
+    torch_device = args.torch_device or torch_device_like_jax()
     wait_until_idle(force=args.no_wait)
     print(machine_line())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {torch_device}"
+          + torch_device_note(torch_device))
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -173,7 +186,8 @@ def main() -> None:
             models.append((f"random neox {args.hidden}x{args.layers}", rand))
         for name, path in models:
             layer = args.layer
-            results += bench_model(name, path, args.batch, args.seq, layer, args.iters, args.rounds)
+            results += bench_model(name, path, args.batch, args.seq, layer, args.iters, args.rounds,
+                                   torch_device)
 
     print("\nsummary (jaxsae tokens/s over each torch contestant; goal >= 1.5x):")
     for name, tps, rel in results:

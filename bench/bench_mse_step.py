@@ -9,7 +9,8 @@ Both sides train a TopK SAE on the same random N(0, 1) batches (a pool of --pool
 
 * jaxsae: the real step, `make_mse_step(cfg, *optimizer(...))`, jit-compiled with
   the state donated (Adam + the unit-norm decoder wrapper, AuxK bookkeeping, metrics).
-* PyTorch reference (eager, `torch.set_num_threads(cores)`), the sparsify / SAELens-style TopK SAE:
+* PyTorch reference (eager, `torch.set_num_threads(cores)`; on `--torch-device`, by default cuda when
+  JAX runs on a GPU and torch sees one, else cpu; each step synchronised), the sparsify / SAELens-style TopK SAE:
   pre = relu(Linear(x - b_dec)); vals, idx = topk(pre, k); decoder = the top-k codes scattered into a
   dense [batch, d_sae] matrix times W_dec (`--torch-decode dense`, default: the same algorithm as
   jaxsae) or `F.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")` (sparsify's
@@ -32,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (OtherLoad, interleaved, jax_matmul_gflops, machine_line, n_cores, table,  # noqa: E402
-                    wait_until_idle)
+                    torch_device_like_jax, torch_device_note, wait_until_idle)
 
 
 # ----------------------------------------------------------------------------------------- jaxsae
@@ -126,11 +127,14 @@ def make_jax_runner(d_model: int, d_sae: int, k: int, batch: int, pool, variant:
 
 
 # ---------------------------------------------------------------------------------------- PyTorch
-def make_torch_runner(d_model: int, d_sae: int, k: int, batch: int, pool, decode: str = "dense"):
+def make_torch_runner(d_model: int, d_sae: int, k: int, batch: int, pool, decode: str = "dense",
+                      device: str = "cpu"):
     import torch
     import torch.nn.functional as F
 
     torch.manual_seed(0)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # eager CUDA is async
 
     class TopKSAE(torch.nn.Module):
         def __init__(self):
@@ -153,9 +157,9 @@ def make_torch_runner(d_model: int, d_sae: int, k: int, batch: int, pool, decode
                 x_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
             return x_hat
 
-    sae = TopKSAE()
+    sae = TopKSAE().to(dev)  # initialised on the CPU (same weights on every device), then moved
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.999))
-    xs = [torch.from_numpy(x) for x in pool]
+    xs = [torch.from_numpy(x).to(dev) for x in pool]
     box = {"i": 0}
 
     def run():
@@ -171,6 +175,7 @@ def make_torch_runner(d_model: int, d_sae: int, k: int, batch: int, pool, decode
         opt.step()
         with torch.no_grad():
             W /= W.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        sync()
 
     def loss():
         with torch.no_grad():
@@ -250,6 +255,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--pool", type=int, default=4, help="distinct input batches cycled through")
     ap.add_argument("--torch-decode", choices=["dense", "embedding_bag"], default="dense")
+    ap.add_argument("--torch-device", default=None,
+                    help="device of the PyTorch reference (default: cuda when JAX runs on a GPU and torch sees "
+                         "one, else cpu: the device jaxsae runs on)")
     ap.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-rate matmul")
     ap.add_argument("--breakdown", action="store_true", help="also time jaxsae step variants (diagnostic)")
     ap.add_argument("--profile", action="store_true", help="also time the pieces of the step alone (diagnostic)")
@@ -261,6 +269,7 @@ def main() -> None:
 
     cores = n_cores()
     torch.set_num_threads(cores)
+    torch_device = args.torch_device or torch_device_like_jax()
     wait_until_idle(force=args.no_wait)
 
     B, D, S, k = args.batch, args.d_model, args.d_sae, args.k
@@ -269,11 +278,12 @@ def main() -> None:
 
     print(machine_line())
     print(f"shapes: batch {B} tokens, d_model {D}, d_sae {S}, k {k}; torch threads {torch.get_num_threads()}, "
-          f"torch decoder: {args.torch_decode}")
+          f"torch decoder: {args.torch_decode}, torch device: {torch_device}{torch_device_note(torch_device)}")
     t0 = time.perf_counter()
     runners = {"jaxsae": make_jax_runner(D, S, k, B, pool),
                "jaxsae, sae.decode=sparse": make_jax_runner(D, S, k, B, pool, "sparse"),
-               f"torch ({args.torch_decode})": make_torch_runner(D, S, k, B, pool, args.torch_decode)}
+               f"torch ({args.torch_decode})": make_torch_runner(D, S, k, B, pool, args.torch_decode,
+                                                                 torch_device)}
     if args.breakdown:
         runners["jaxsae, AuxK active"] = make_jax_runner(D, S, k, B, pool, "auxk_active")
         runners["jaxsae, no AuxK"] = make_jax_runner(D, S, k, B, pool, "no_auxk")

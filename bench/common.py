@@ -138,6 +138,25 @@ def jax_matmul_gflops(n: int = 2048, iters: int = 5, dtype: str = "float32") -> 
     return 2 * n**3 / best / 1e9
 
 
+def torch_device_like_jax() -> str:
+    """The torch device matching JAX's default device: "cuda" when JAX runs on a GPU and torch sees one,
+    else "cpu" (the PyTorch references must run where jaxsae does, or the ratio compares two devices)."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_device_note(device: str) -> str:
+    """'' when `device` is where JAX runs, else a warning to print beside the table."""
+    import jax
+
+    on = "gpu" if device.startswith("cuda") else device.split(":")[0]
+    jax_on = jax.default_backend()
+    return "" if on == jax_on else (f"  <-- WARNING: the torch reference runs on {device}, jaxsae on {jax_on}; "
+                                    "the ratio compares two devices")
+
+
 def machine_line() -> str:
     import jax
 
