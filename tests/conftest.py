@@ -18,6 +18,15 @@ ROOT = Path(__file__).parent.parent
 HAS_TENSORBOARD = all(importlib.util.find_spec(m) is not None for m in ("tensorboardX", "tensorboard"))
 
 
+def eight_devices():
+    """The marks of a test that needs the 8 fake CPU devices of the multi-device run (tests/run.sh)."""
+    import jax
+
+    return [pytest.mark.multidevice,
+            pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: run with "
+                               "XLA_FLAGS=--xla_force_host_platform_device_count=8 in a fresh process")]
+
+
 def tiny_args(model: Path | str, run_dir: Path, *extra: str) -> list[str]:
     """`python -m jaxsae.train` on configs/demo.yaml shrunk to the tiny run, into `run_dir`."""
     return [sys.executable, "-m", "jaxsae.train", "--config", str(ROOT / "configs" / "demo.yaml"),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import eight_devices
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -23,11 +24,7 @@ from jaxsae.sae.selection import keep_batch_top_k, top_k
 from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: run with "
-                       "XLA_FLAGS=--xla_force_host_platform_device_count=8 in a fresh process"),
-]
+pytestmark = eight_devices()
 
 N, S = 16, 256  # 32 latents per shard on model=8
 

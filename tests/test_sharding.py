@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import eight_devices
 from jax.sharding import PartitionSpec as P
 
 from jaxsae import sharding as shd
@@ -24,11 +25,7 @@ from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
 from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
 
-pytestmark = [
-    pytest.mark.multidevice,
-    pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: run with "
-                       "XLA_FLAGS=--xla_force_host_platform_device_count=8 in a fresh process"),
-]
+pytestmark = eight_devices()
 
 D_MODEL, D_SAE, K = 32, 256, 4
 BATCH, STEPS = 64, 5

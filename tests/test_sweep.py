@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import kill_mid_phase, run_cmd, tiny_args
+from conftest import eight_devices, kill_mid_phase, run_cmd, tiny_args
 
 import jaxsae
 from jaxsae.config import ConfigError, FinetuneCfg, MSECfg, load_config
@@ -207,9 +207,9 @@ def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_pat
     assert evals(run_dir) == evals(sweep_run)
 
 
-@pytest.mark.multidevice
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
 @pytest.mark.parametrize("n", [4, 3])
+@eight_devices()[0]
+@eight_devices()[1]
 def test_sweep_on_a_mesh_equals_one_device(n):
     """The SAE axis over `model` (4 members on a model axis of 4: each device holds whole SAEs) or, when
     the axis does not divide the members (3), replicated with d_sae split: the same steps as one device."""
