@@ -115,6 +115,11 @@ def plot(run_dir: Path, ev: dict) -> None:
         if pts:
             ks, mean, sd = zip(*pts)
             ax1.errorbar(ks, mean, yerr=sd, marker="o", capsize=3, color=colors[phase], label=f"{phase} (this run)")
+    net = [(r["k"], *r["net"]) for r in rows if "net" in r]
+    if net:  # the KL effect net of the extra tokens
+        ks, mean, sd = zip(*net)
+        ax1.errorbar(ks, mean, yerr=sd, marker="o", ls=":", capsize=3, color=colors["finetune"],
+                     label="finetune − control (this run)")
     for phase, marker in (("finetune", "s"), ("e2e", "^")):
         ks, vals = zip(*PAPER_GEMMA[phase].items())
         ax1.plot(ks, vals, ls="--", marker=marker, color=colors[phase], alpha=0.45, label=f"{phase}, paper Gemma-2-2B")
