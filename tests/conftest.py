@@ -1,5 +1,5 @@
-"""The tiny training run several test files share: the shipped 4-layer model, a store of 20k tokens, 100
-MSE steps and 24 fine-tune steps (about half a minute on two CPU cores), trained once per session."""
+"""The tiny training runs several test files share: the shipped 4-layer model, a store of 20k tokens, 100
+MSE steps and 24 fine-tune steps (about half a minute on two CPU cores), each trained once per session."""
 
 from __future__ import annotations
 
@@ -72,5 +72,21 @@ def finished_run(tiny_model, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "full"
     tracker = ("--set", "tracker.kind=tensorboard") if HAS_TENSORBOARD else ()
     r = run_cmd(tiny_args(tiny_model, run_dir, *tracker))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+# The tiny run without the control, with a fine-tune learning rate that helps at this size.
+MSE_FINETUNE = ("--set", "phases=[mse, finetune]", "--set", "finetune.lr=1e-3")
+
+
+@pytest.fixture(scope="session")
+def mse_finetune_run(tiny_model, tmp_path_factory) -> Path:
+    """The tiny run's `MSE_FINETUNE` variant (checkpoints/mse, checkpoints/finetune), on the CPU as one JAX
+    process on one device: the one-process reference of tests/test_multiprocess.py and the run that
+    tests/test_delta.py analyses. Read-only: copy it (shutil.copytree) before changing anything in it."""
+    run_dir = tmp_path_factory.mktemp("runs") / "mse_finetune"
+    r = run_cmd(tiny_args(tiny_model, run_dir, *MSE_FINETUNE),
+                env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir

@@ -38,20 +38,10 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A tiny run of the demo recipe on the shipped model: checkpoints/mse and checkpoints/finetune."""
-    from jaxsae.models.shipped import SHIPPED
-
-    run_dir = tmp_path_factory.mktemp("delta") / "run"
-    sets = [f"model.path={SHIPPED}", "hook.layer=1", "data.context=32", "store.tokens=20000",
-            "store.batch_contexts=16", "store.norm_sample_tokens=4096", "sae.d_sae=128", "sae.k=8",
-            "mse.tokens=25600", "mse.batch_size=256", "mse.warmup_steps=5", "finetune.tokens=3072",
-            "finetune.batch_sequences=4", "checkpoint.every_steps=10", "eval.sequences=8",
-            "eval.batch_sequences=4", "phases=[mse, finetune]", "finetune.lr=1e-3"]  # a fine-tune that helps here
-    r = _run(["-m", "jaxsae.train", "--config", str(ROOT / "configs" / "demo.yaml"), "--run-dir", str(run_dir),
-              *[a for s in sets for a in ("--set", s)]])
-    assert r.returncode == 0, r.stderr[-3000:]
-    return run_dir
+def tiny_run(mse_finetune_run) -> Path:
+    """A tiny run of the demo recipe on the shipped model: checkpoints/mse and checkpoints/finetune (shared
+    with tests/test_multiprocess.py; read-only)."""
+    return mse_finetune_run
 
 
 @pytest.fixture(scope="module")

@@ -53,9 +53,15 @@ def _run(gemma2_dir: Path, run_dir: Path, *extra: str, env: dict | None = None) 
     return json.loads((run_dir / "eval.json").read_text())
 
 
-def test_gemma2_bf16_bos_run_collects_trains_and_fine_tunes(gemma2_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    ev = _run(gemma2_dir, run_dir)
+@pytest.fixture(scope="module")
+def one_device_run(gemma2_dir, tmp_path_factory) -> tuple[Path, dict]:
+    """The run on one device: checked on its own, and the reference of the mesh run."""
+    run_dir = tmp_path_factory.mktemp("gemma2_run") / "run"
+    return run_dir, _run(gemma2_dir, run_dir)
+
+
+def test_gemma2_bf16_bos_run_collects_trains_and_fine_tunes(one_device_run):
+    run_dir, ev = one_device_run
     store = open_store(run_dir / "store")
     meta = store.meta
     assert meta["dtype"] == "bfloat16" and meta["model"]["arch"] == "gemma2" and meta["layer"] == 1
@@ -71,11 +77,11 @@ def test_gemma2_bf16_bos_run_collects_trains_and_fine_tunes(gemma2_dir, tmp_path
     assert ft and all(x["train/kl"] >= 0 and x["train/beta"] > 0 for x in ft)
 
 
-def test_gemma2_run_on_a_4x2_mesh_with_a_tensor_parallel_lm(gemma2_dir, tmp_path):
+def test_gemma2_run_on_a_4x2_mesh_with_a_tensor_parallel_lm(gemma2_dir, one_device_run, tmp_path):
     """The same run on 8 devices: batches over data=4, latents and the LM's heads / MLP / vocabulary
     over model=2 (kv_heads 2). The SAE trains on other rows per step, so results are close, not equal."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    one = _run(gemma2_dir, tmp_path / "one")
+    _, one = one_device_run
     mesh = _run(gemma2_dir, tmp_path / "mesh", "--set", "mesh.model=2", "--set", "model.lm_sharding=tensor", env=env)
     assert mesh["mse"]["ce_clean"] == pytest.approx(one["mse"]["ce_clean"], abs=2e-2)  # bf16 LM, other reductions
     for phase in ("mse", "finetune"):

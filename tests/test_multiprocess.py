@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MSE_FINETUNE, tiny_args
 
 from jaxsae.data.collect import collect
 from jaxsae.data.store import StoreError, open_store
@@ -165,19 +166,17 @@ def test_unfinished_store_resumes_only_with_its_process_count(two_process_store,
         collect(lm, 1, StdlibSource("val"), lm.tokenizer, bad, n_tokens=N_TOKENS, progress=False, **KW)
 
 
-_TRAIN = ["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "hook.layer=1", "--set", "data.context=32",
-          "--set", "store.tokens=20000", "--set", "store.batch_contexts=16", "--set", "store.norm_sample_tokens=4096",
-          "--set", "sae.d_sae=128", "--set", "sae.k=8", "--set", "mse.tokens=25600", "--set", "mse.batch_size=256",
-          "--set", "mse.warmup_steps=5", "--set", "finetune.tokens=3072", "--set", "finetune.batch_sequences=4",
-          "--set", "checkpoint.every_steps=10", "--set", "eval.sequences=8", "--set", "eval.batch_sequences=4",
-          "--set", "phases=[mse, finetune]", "--set", "finetune.lr=1e-3"]  # a fine-tune that helps at this size
+def _train_args(run_dir: Path) -> list[str]:
+    """The tiny run's `MSE_FINETUNE` variant (the one-process reference is conftest's `mse_finetune_run`)."""
+    return tiny_args(SHIPPED, run_dir, *MSE_FINETUNE)
 
 
-def test_two_process_training_run_matches_one_process(tmp_path):
+def test_two_process_training_run_matches_one_process(mse_finetune_run, tmp_path):
     """`python -m jaxsae.train` on 2 processes (1 CPU device each, gloo collectives): one global
-    mesh, each process reads its own slice of the store, metrics and eval written once."""
+    mesh, each process reads its own slice of the store, metrics and eval written once. The same
+    command on one process (1 CPU device) is `mse_finetune_run`."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxsae.train", *_TRAIN, "--run-dir", str(tmp_path / "two")],
+    procs = [subprocess.Popen(_train_args(tmp_path / "two"),
                               env={**os.environ, "JAXSAE_COORDINATOR": f"127.0.0.1:{port}", "JAX_PLATFORMS": "cpu",
                                    "JAXSAE_NUM_PROCESSES": "2", "JAXSAE_PROCESS_ID": str(p), "XLA_FLAGS": ""},
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
@@ -192,11 +191,7 @@ def test_two_process_training_run_matches_one_process(tmp_path):
             if proc.poll() is None:
                 proc.kill()
     assert "[finetune]" in outs[0] and "[finetune]" not in outs[1]  # printed once
-    one = subprocess.run([sys.executable, "-m", "jaxsae.train", *_TRAIN, "--run-dir", str(tmp_path / "one")],
-                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, cwd=ROOT,
-                         capture_output=True, text=True, timeout=900)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two_eval, one_eval = (json.loads((tmp_path / d / "eval.json").read_text()) for d in ("two", "one"))
+    two_eval, one_eval = (json.loads((d / "eval.json").read_text()) for d in (tmp_path / "two", mse_finetune_run))
     assert set(two_eval) == {"mse", "finetune"}
     for phase in ("mse", "finetune"):  # other rows per MSE step, the same fine-tune window: close, not equal
         assert two_eval[phase]["ce_clean"] == pytest.approx(one_eval[phase]["ce_clean"], rel=1e-5)
