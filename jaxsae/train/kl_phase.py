@@ -4,7 +4,7 @@ its MSE-only control, an adapter around a frozen SAE, and the e2e baseline from 
 They differ only in data: where their SAE starts (`Phase.starts`), their section's optimiser, schedule
 and KL share (the control's is fixed at 0), and, for the adapter, what is trained. The fine-tune and the
 control read the window after the store's contexts; the adapter the same window; e2e its budget from the
-start of the text.
+start of the text. A sweep (`jaxsae.sweep`) runs every phase on its stacked SAEs with one step.
 """
 
 from __future__ import annotations
@@ -89,9 +89,8 @@ def run_phase(ctx, phase, start):
     from jaxsae.data.windows import window_sequences
     from jaxsae.sae import init_sae
     from jaxsae.sharding import batch_from_global
-    from jaxsae.train.pipeline import Trained, adapter_of
-
     from jaxsae.sweep import hparams
+    from jaxsae.train.pipeline import Trained, adapter_of
 
     cfg, sae_cfg, members = ctx.cfg, ctx.sae_cfg, ctx.members
     sec = C.section(cfg, phase.name)
