@@ -90,3 +90,24 @@ def mse_finetune_run(tiny_model, tmp_path_factory) -> Path:
                 env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache (new and empty each session) for the JAX processes the tests
+    start, which inherit it through the environment. Many tests run `python -m jaxsae.train` on the same
+    tiny shapes; each later process loads those programs instead of compiling them again. A cached program
+    is the compiler's own output, so results are the same bits (the resume tests compare to runs that
+    compiled theirs)."""
+    env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("xla_cache")),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the tiny programs compile in under a second
+    if importlib.util.find_spec("filelock") is not None:  # (torch needs it) a bound makes JAX lock the cache,
+        env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(1 << 30)  # so concurrent processes never read a half-written entry
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
