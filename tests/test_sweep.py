@@ -25,7 +25,7 @@ from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
 from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
 
-STEPS = 4
+STEPS = 3
 
 
 def _stack(trees):
@@ -41,7 +41,7 @@ def _close(a, b, what):
 def _members(kind):
     """Each member's (k, l1_coeff, lr, kl_share): k varies for TopK, the L1 coefficient for ReLU."""
     if kind == "topk":
-        return [(3, 0.0, 1e-3, 0.5), (6, 0.0, 3e-3, 0.3), (4, 0.0, 2e-3, 0.7)]
+        return [(3, 0.0, 1e-3, 0.5), (6, 0.0, 3e-3, 0.3)]
     return [(6, 0.1, 1e-3, 0.5), (6, 0.3, 3e-3, 0.3)]
 
 
@@ -122,17 +122,17 @@ def test_fused_sweep_equals_independent_steps(lm, kind):
 
 
 def test_shared_forward_costs_less_than_n_runs(lm):
-    """XLA's FLOP count of the fused step for 3 SAEs is under 3x one SAE's: the prefix and the clean
-    suffix are not repeated per SAE."""
+    """XLA's FLOP count of the fused step for 2 SAEs is under 2x one SAE's: the prefix and the clean
+    suffix are not repeated per SAE (the lowered programs' cost analysis: no compile needed)."""
     singles, states, swept, stacked = _fused(lm, "topk")
     toks = _tokens(0)
 
     def flops(step, state):
-        cost = step.lower(state, lm.params, toks).compile().cost_analysis()
+        cost = step.lower(state, lm.params, toks).cost_analysis()
         return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
-    one, three = flops(singles[0], states[0]), flops(swept, stacked)
-    assert one < three < 3 * one, (one, three)
+    one, two = flops(singles[0], states[0]), flops(swept, stacked)
+    assert one < two < 2 * one, (one, two)
 
 
 def test_sweep_config_names_and_errors():
@@ -191,20 +191,27 @@ def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run, tmp_pa
 
 
 def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_path):
+    """SIGKILL mid-MSE, then the same command (its MSE phase alone): every member's SAE equals the
+    uninterrupted sweep's, bit for bit, and metrics.jsonl has each member's step once."""
     run_dir = tmp_path / "killed"
-    steps = kill_mid_phase(_sweep_args(tiny_model, run_dir), run_dir)
+    args = [*_sweep_args(tiny_model, run_dir), "--set", "phases=[mse]"]
+    steps = kill_mid_phase(args, run_dir)
     assert steps and steps[-1] < 100, steps  # really interrupted
-    r = run_cmd(_sweep_args(tiny_model, run_dir))
+    r = run_cmd(args)
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("k4", "k8"):
-        a, b = jaxsae.load_sae(sweep_run, name), jaxsae.load_sae(run_dir, name)
+        a = jaxsae.load_sae(sweep_run / "checkpoints" / "mse", name)
+        b = jaxsae.load_sae(run_dir / "checkpoints" / "mse", name)
         for k in a.params:
             np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=f"{name} {k}")
-    def evals(d):
-        ev = json.loads((d / "eval.json").read_text())
-        return {p: {n: {k: v for k, v in m.items() if k != "phase_seconds"} for n, m in v.items()} for p, v in ev.items()}
-
-    assert evals(run_dir) == evals(sweep_run)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["sae"], r["step"]) for r in rows if r["phase"] == "mse"]
+    assert len(logged) == len(set(logged)) and {n for n, _ in logged} == {"k4", "k8"}
+    ev = json.loads((run_dir / "eval.json").read_text())["mse"]
+    ref = json.loads((sweep_run / "eval.json").read_text())["mse"]
+    for name in ev:
+        assert {k: v for k, v in ev[name].items() if k != "phase_seconds"} == \
+            {k: v for k, v in ref[name].items() if k != "phase_seconds"}
 
 
 @pytest.mark.parametrize("n", [4, 3])
