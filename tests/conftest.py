@@ -105,10 +105,6 @@ def shared_compilation_cache(tmp_path_factory):
         env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(1 << 30)  # so concurrent processes never read a half-written entry
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import jax  # and this process too: tests that train several times in-process compile each program once
-
-    jax.config.update("jax_compilation_cache_dir", env["JAX_COMPILATION_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
     for k, v in saved.items():
         if v is None:
