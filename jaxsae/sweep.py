@@ -112,14 +112,14 @@ def members(cfg: RunConfig) -> tuple[Member, ...]:
 
 
 def _replace(cfg: RunConfig, key: str, value: Any) -> RunConfig:
+    """cfg with the section key `a.b` set to value, checked against its annotation as the loader does."""
+    import typing
+
     from jaxsae.config import _coerce
 
     sec, name = key.split(".")
     section = getattr(cfg, sec)
-    hint = {f.name: f.type for f in dataclasses.fields(section)}[name]
-    import typing
-
-    typ = typing.get_type_hints(type(section))[name] if isinstance(hint, str) else hint
+    typ = typing.get_type_hints(type(section))[name]
     return dataclasses.replace(cfg, **{sec: dataclasses.replace(section, **{name: _coerce(key, value, typ)})})
 
 

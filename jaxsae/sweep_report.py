@@ -107,7 +107,8 @@ def plot(run_dir: Path, ev: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = table(ev, member_values(run_dir))
+    values = member_values(run_dir)
+    rows = table(ev, values)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     colors = {p.name: p.color for p in P.PHASES}
     for phase in [p.name for p in P.PHASES if p.name != "mse"]:
@@ -132,7 +133,7 @@ def plot(run_dir: Path, ev: dict) -> None:
     ax1.grid(alpha=0.3)
     for phase in [p.name for p in P.PHASES if p.name in ev]:
         pts = [(r["k"], statistics.mean(ev[phase][n]["ce_gap"] for n in names))
-               for r, names in zip(rows, _k_groups(ev, member_values(run_dir)).values())]
+               for r, names in zip(rows, _k_groups(ev, values).values())]
         ax2.plot(*zip(*pts), marker="o", color=colors[phase], label=phase)
     ax2.set(xscale="log", xlabel="k", ylabel="CE spliced − CE clean (nats)", title="held-out CE gap")
     ax2.legend()

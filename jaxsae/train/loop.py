@@ -160,9 +160,9 @@ def nonfinite_params(state: dict, names: list[str] | None = None) -> str:
     the first leaf that is not, by its path (and a sweep's member, by name)."""
     trees = {k: state[k] for k in ("params", "frozen") if k in state}
     leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(trees) if jnp.issubdtype(x.dtype, jnp.floating)]
-    axes = tuple(range(1, 99))
-    ok = jax.device_get([jnp.all(jnp.isfinite(x), axis=axes[:x.ndim - 1]) if names else jnp.all(jnp.isfinite(x))
-                         for _, x in leaves])
+    # a sweep's leaves have a leading SAE axis: one verdict per member, so the error can name it
+    ok = jax.device_get([jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1) if names
+                         else jnp.all(jnp.isfinite(x)) for _, x in leaves])
     for (p, _), good in zip(leaves, ok):
         good = np.atleast_1d(good)
         if not good.all():
