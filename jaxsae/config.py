@@ -97,6 +97,10 @@ class PhaseCfg:
     clip: float = 1.0  # 0 = no clipping
     seed: int = 0
 
+    def schedule_name(self) -> str:
+        """The lr schedule this phase runs (a section may leave `schedule` to a per-kind default)."""
+        return self.schedule
+
 
 @dataclasses.dataclass(frozen=True)
 class MSECfg(PhaseCfg):
@@ -155,8 +159,16 @@ class AdapterCfg(KLCfg):
     kind: AdapterKind = "output"
     rank: int | None = 16  # 0 or null = full rank (d_model)
     alpha: float | None = None  # LoRA scale alpha/rank; None = 32 for sae_lora (the reference's PEFT), rank for lm_lora
+    dropout: float = 0.0  # sae_lora: PEFT's lora_dropout on each factor pair's input (the reference: 0.1)
     lm_layers: Literal["all", "after"] = "all"  # lm_lora: all blocks, or only those after the hook
     loss: Literal["auto", "kl", "kl_mse"] = "auto"  # auto: kl for lm_lora, else the fine-tune's kl_mse
+    # None: constant for the output adapters (the reference's), linear decay for the LoRAs (as the fine-tune)
+    schedule: Schedule | None = None
+
+    def schedule_name(self) -> str:
+        if self.schedule is not None:
+            return self.schedule
+        return "constant" if self.kind in ("output", "output_mlp") else "linear"
 
 
 @dataclasses.dataclass(frozen=True)

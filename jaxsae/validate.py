@@ -83,6 +83,9 @@ def check_phase_section(cfg: RunConfig, phase: str) -> None:
 def check_adapter(cfg: RunConfig, d_model: int | None = None) -> None:
     a = cfg.adapter
     need(a.rank is None or a.rank >= 0, f"adapter.rank={a.rank} must be >= 0 (0 or null = full rank)")
+    need(0.0 <= a.dropout < 1.0, f"adapter.dropout={a.dropout} must be in [0, 1): e.g. 0.1 (PEFT's lora_dropout)")
+    need(a.dropout == 0.0 or a.kind == "sae_lora",
+         f"adapter.dropout={a.dropout} applies to adapter.kind=sae_lora only: set adapter.dropout=0 for {a.kind}")
     need(d_model is None or (a.rank or 0) <= d_model,
          f"adapter.rank={a.rank} is over d_model={d_model}: use at most {d_model} (or 0 = full rank)")
 

@@ -107,7 +107,7 @@ def test_generic_gradient_with_trainable_sae_equals_the_finetune(lm, sae):
     _, _, params = sae
     tokens = _tokens(2)
     ref = jax.grad(lambda p: _loss(lm, sae, p, tokens)[0])(params)
-    generic = jax.grad(lambda p: _loss(lm, sae, p, tokens, compose=lambda t, f, lp: identity_composition(t, lp))[0])(
+    generic = jax.grad(lambda p: _loss(lm, sae, p, tokens, compose=lambda t, f, lp, rng=None: identity_composition(t, lp))[0])(
         params)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), ref, generic)
     ad = _adapter(lm, "sae_lora", 3)
@@ -117,6 +117,53 @@ def test_generic_gradient_with_trainable_sae_equals_the_finetune(lm, sae):
     for w in ("W_enc", "W_dec"):
         want = (ad.alpha / ad.rank) * (trainable[w]["A"].T @ ref[w])
         np.testing.assert_allclose(g[w]["B"], want, rtol=2e-4, atol=1e-6 * float(jnp.abs(want).max()), err_msg=w)
+
+
+def test_sae_lora_dropout(lm, sae):
+    """PEFT's lora_dropout: in a training step the LoRA branches see their inputs (x - b_dec for W_enc, the
+    codes f for W_dec) with entries dropped and rescaled, a fresh mask per token; without an rng (evaluation)
+    the factors merge, so rate 0 and evaluation equal the merged SAE; the mean over masks is the merged
+    branch (the rescaling keeps it unbiased)."""
+    from jaxsae.sae.base import lora_delta
+
+    sae_cfg, module, params = sae
+    ad = make_adapter("sae_lora", 3, D, LAYER, lm.n_layers, dropout=0.5)
+    trainable = _nonzero(ad.init(jax.random.PRNGKey(4), params)[0])
+    x = jax.random.normal(jax.random.PRNGKey(8), (40, D))
+    rng = jax.random.PRNGKey(9)
+    merged = ad(trainable, params, lm.params)  # no rng: merged weights
+    assert merged.sae_lora is None
+    want_eval, _ = module.apply({"params": merged.sae_params}, x)
+    comp = ad(trainable, params, lm.params, rng=rng)
+    got, out = module.apply({"params": comp.sae_params}, x, lora=comp.sae_lora)
+    # by hand: the same masks, drawn per weight from the step's key
+    scale = ad.alpha / ad.rank
+
+    def dropped(name, inp):
+        keep = jax.random.bernoulli(jax.random.fold_in(rng, 0 if name == "W_enc" else 1), 0.5, inp.shape)
+        return jnp.where(keep, 2.0 * inp, 0.0)
+
+    xc = x - params["b_dec"]
+    pre = xc @ params["W_enc"] + scale * (dropped("W_enc", xc) @ trainable["W_enc"]["A"]) @ trainable["W_enc"]["B"]
+    np.testing.assert_allclose(out.pre, pre + params["b_enc"], rtol=2e-5, atol=2e-5)
+    f = out.f
+    x_hat = f @ params["W_dec"] + scale * (dropped("W_dec", f) @ trainable["W_dec"]["A"]) @ trainable["W_dec"]["B"]
+    np.testing.assert_allclose(got, x_hat + params["b_dec"], rtol=2e-5, atol=2e-5)
+    assert not np.allclose(got, want_eval, atol=1e-3)  # the dropout did something
+    # unbiased: over many masks the branch averages to the merged one
+    lora = {"factors": trainable, "scale": scale, "dropout": 0.5}
+    mean = jnp.mean(jax.vmap(lambda k: lora_delta({**lora, "rng": k}, "W_enc", xc))(
+        jax.random.split(jax.random.PRNGKey(10), 4000)), axis=0)
+    full = scale * (xc @ trainable["W_enc"]["A"]) @ trainable["W_enc"]["B"]
+    np.testing.assert_allclose(mean, full, atol=0.1 * float(jnp.abs(full).max()))
+    # rate 0 takes the merged path even in a training step
+    assert make_adapter("sae_lora", 3, D, LAYER, lm.n_layers)(trainable, params, lm.params, rng=rng).sae_lora is None
+    # a training step with dropout runs and moves only the adapter
+    tx, sched = optimizer(FinetuneCfg(lr=1e-2), 10, None)
+    state = init_ft_state(trainable, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0, frozen=params)
+    state, m = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched, compose=ad)(
+        state, lm.params, _tokens(3))
+    assert np.isfinite(float(m["train/loss"]))
 
 
 def test_lora_merge_equals_explicit_low_rank_forward(lm):
@@ -192,6 +239,9 @@ def test_evaluate_with_adapter_equals_manual(lm, sae, kind, rank, lm_layers):
     (["adapter.tokens=10"], "adapter.tokens=10 is less than one batch"),
     (["phases=[adapter]"], "list it before adapter"),
     (["adapter.rank_x=2"], "unknown config key adapter.rank_x"),
+    (["adapter.kind=sae_lora", "adapter.dropout=1.0"], "adapter.dropout=1.0 must be in [0, 1)"),
+    (["adapter.kind=output", "adapter.dropout=0.1"], "applies to adapter.kind=sae_lora only"),
+    (["adapter.schedule=cosine"], "adapter.schedule='cosine'"),
 ])
 def test_config_errors_name_the_key(override, needle):
     with pytest.raises(C.ConfigError, match=None) as e:
@@ -239,3 +289,18 @@ def test_adapter_phase_resumes_exactly(tmp_path, monkeypatch):
     b, _ = Checkpointer(tmp_path / "resumed" / "checkpoints" / "adapter").restore_raw(8)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not np.any(np.asarray(a["params"]["U"]) == 0) and "frozen" in a
+
+
+@pytest.mark.parametrize("kind,constant", [("output", True), ("output_mlp", True), ("sae_lora", False),
+                                           ("lm_lora", False)])
+def test_adapter_lr_schedule_default(kind, constant):
+    """The reference trains its output adapters at a constant lr and the LoRAs with the fine-tune's linear
+    decay; `adapter.schedule` overrides either."""
+    from jaxsae.train.optim import schedule
+
+    cfg = C.load_config(None, ["phases=[mse, adapter]", f"adapter.kind={kind}", "adapter.lr=1e-3"])
+    assert float(schedule(cfg.adapter, 100)(75)) == pytest.approx(1e-3 if constant else 0.25e-3)
+    other = "linear" if constant else "constant"
+    cfg = C.load_config(None, ["phases=[mse, adapter]", f"adapter.kind={kind}", "adapter.lr=1e-3",
+                               f"adapter.schedule={other}"])
+    assert float(schedule(cfg.adapter, 100)(75)) == pytest.approx(0.25e-3 if constant else 1e-3)

@@ -129,6 +129,19 @@ def auxk_loss(
     return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), None)
 
 
+def lora_delta(lora: dict, name: str, inp: jax.Array) -> jax.Array:
+    """scale · dropout(inp) @ A @ B for the LoRA pair on weight `name` (PEFT's lora_dropout: each entry of
+    the branch's input kept with probability 1 - rate and scaled by 1/(1 - rate), a fresh mask per token).
+
+    lora: {"factors": {name: {"A" [in, r], "B" [r, out]}}, "scale": float, "dropout": float, "rng": key};
+    inp: f32[N, in] -> f32[N, out]."""
+    ab, rate = lora["factors"][name], lora["dropout"]
+    key = jax.random.fold_in(lora["rng"], 0 if name == "W_enc" else 1)
+    keep = jax.random.bernoulli(key, 1.0 - rate, inp.shape)
+    dropped = jnp.where(keep, inp / (1.0 - rate), 0.0)
+    return lora["scale"] * ((dropped @ ab["A"]) @ ab["B"])
+
+
 def update_dead_counter(tokens_since_fired: jax.Array, fired: jax.Array, n_tokens) -> jax.Array:
     """i32[d_sae]: reset latents that fired, add n_tokens to the others.
 
@@ -194,11 +207,13 @@ class SAEBase(nn.Module):
         return {}
 
     # -- shared interface ----------------------------------------------------
-    def pre_acts(self, x: jax.Array) -> jax.Array:
-        """f32[N, D] -> f32[N, S]; matmul in cfg.dtype, accumulate in f32."""
+    def pre_acts(self, x: jax.Array, lora=None) -> jax.Array:
+        """f32[N, D] -> f32[N, S]; matmul in cfg.dtype, accumulate in f32. lora: see `lora_delta`."""
         dt = self.cfg.compute_dtype
         xc = (x.astype(jnp.float32) - self.b_dec).astype(dt)
         pre = jnp.dot(xc, self.W_enc.astype(dt), preferred_element_type=jnp.float32)
+        if lora is not None:
+            pre = pre + lora_delta(lora, "W_enc", xc.astype(jnp.float32))
         return pre + self.b_enc
 
     def _flat(self, x: jax.Array) -> jax.Array:
@@ -218,10 +233,12 @@ class SAEBase(nn.Module):
         f = self.activate(self.pre_acts(self._flat(x)), train)
         return f.reshape(*x.shape[:-1], self.cfg.d_sae)
 
-    def decode(self, f: jax.Array) -> jax.Array:
-        """f: f32[..., d_sae] -> x_hat: f32[..., d_model]."""
+    def decode(self, f: jax.Array, lora=None) -> jax.Array:
+        """f: f32[..., d_sae] -> x_hat: f32[..., d_model]. lora: see `lora_delta`."""
         dt = self.cfg.compute_dtype
         out = jnp.dot(f.astype(dt), self.W_dec.astype(dt), preferred_element_type=jnp.float32)
+        if lora is not None:
+            out = out + lora_delta(lora, "W_dec", f.astype(jnp.float32))
         return out + self.b_dec
 
     def decode_rows(self, idx: jax.Array, vals: jax.Array) -> jax.Array:
@@ -235,7 +252,7 @@ class SAEBase(nn.Module):
         return out + self.b_dec
 
     def __call__(self, x: jax.Array, dead: jax.Array | None = None, train: bool = True,
-                 l1_coeff=None, k=None):
+                 l1_coeff=None, k=None, lora=None):
         """Full forward pass for training.
 
         Args:
@@ -246,15 +263,16 @@ class SAEBase(nn.Module):
             `l1_coeff_at(step, cfg)`; only relu uses it.
           k: optional (traced) i32[] <= cfg.k: the topk kinds keep only their top k (a sweep's
             members share one program built at the largest k; `jaxsae.sweep`).
+          lora: unmerged LoRA factors with dropout on their inputs (`lora_delta`; SAE-LoRA's training step).
         Returns:
           x_hat: f32[..., d_model], SAEOutput.
         """
         lead = x.shape[:-1]
         x2 = self._flat(x).astype(jnp.float32)
-        pre = self.pre_acts(x2)
+        pre = self.pre_acts(x2, lora)
         f, active_rows = self.activate_sparse(pre, train, k)
         x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
-                 else self.decode(f))
+                 and lora is None else self.decode(f, lora))
         penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff)
         if active_rows is not None:
             # from the k active entries: the dense codes then need not exist in a training step

@@ -5,7 +5,8 @@ Each method is a small hashable object that the fused KL+MSE step (`jaxsae.train
 says what the spliced branch runs. The clean branch always runs the original LM: its logits are the target.
 
     lm_lora     W' = W + (α/r)·A@B on every attention and MLP kernel of the chosen blocks; SAE frozen; KL only
-    sae_lora    W_enc' = W_enc + (α/r)·A@B and the same for W_dec; base SAE frozen; the fine-tune's KL+MSE
+    sae_lora    W_enc' = W_enc + (α/r)·A@B and the same for W_dec; base SAE frozen; the fine-tune's KL+MSE;
+                optional dropout on each factor pair's input, as PEFT's lora_dropout (training steps only)
     output      x̂' = x̂ + U·D·x̂ on the SAE's (normalised) output; SAE frozen; KL+MSE on x̂'
     output_mlp  x̂' = x̂ + U·relu(D·x̂)
 The config's adapter.loss (kl | kl_mse) overrides these losses; kl drops the MSE and sparsity terms.
@@ -39,12 +40,15 @@ class Composition(NamedTuple):
     lm_params:    the LM params of its forward (the same object as the originals when untouched)
     out_map:      f32[..., D] -> f32[..., D] on the normalised reconstruction, or None
     rerun_prefix: the LM changes before the hook, so the spliced branch runs its own prefix
+    sae_lora:     unmerged LoRA factors the SAE applies itself ({"W_enc"|"W_dec": {"A", "B"}}, "scale",
+                  "dropout"), when dropout makes merging impossible; None otherwise (`SAEBase.lora_delta`)
     """
 
     sae_params: Any
     lm_params: Any
     out_map: Callable | None
     rerun_prefix: bool
+    sae_lora: Any = None
 
 
 def identity_composition(sae_params, lm_params) -> Composition:
@@ -100,7 +104,7 @@ class LMLoRA:
             params[path], axes[path] = lora_factors(k, shape, ax, n_in, self.rank)
         return traverse_util.unflatten_dict(params), traverse_util.unflatten_dict(axes)
 
-    def __call__(self, trainable, sae_params, lm_params) -> Composition:
+    def __call__(self, trainable, sae_params, lm_params, rng=None) -> Composition:
         flat = traverse_util.flatten_dict(lm_params)
         factors = traverse_util.flatten_dict(trainable)
         scale = self.alpha / self.rank
@@ -112,11 +116,16 @@ class LMLoRA:
 
 @dataclasses.dataclass(frozen=True)
 class SAELoRA:
-    """LoRA on the SAE's encoder W_enc[D, S] and decoder W_dec[S, D]; loss = the fine-tune's KL+MSE."""
+    """LoRA on the SAE's encoder W_enc[D, S] and decoder W_dec[S, D]; loss = the fine-tune's KL+MSE.
+
+    dropout: PEFT's lora_dropout (the reference's 0.1): in a training step each LoRA branch sees its input
+    with entries dropped at this rate (and scaled by 1/(1 - rate)), per token, so the factors cannot be
+    merged into the weights there; evaluation (no rng) merges them."""
 
     rank: int
     alpha: float
     kl_only: bool = False
+    dropout: float = 0.0
     kind = "sae_lora"
     sae_trains = True  # the effective SAE changes: its sparsity / AuxK terms stay in the loss
 
@@ -126,8 +135,11 @@ class SAELoRA:
         dec, dec_ax = lora_factors(k2, sae_params["W_dec"].shape, ("d_sae", "d_model"), 1, self.rank)
         return {"W_enc": enc, "W_dec": dec}, {"W_enc": enc_ax, "W_dec": dec_ax}
 
-    def __call__(self, trainable, sae_params, lm_params) -> Composition:
+    def __call__(self, trainable, sae_params, lm_params, rng=None) -> Composition:
         scale = self.alpha / self.rank
+        if self.dropout > 0.0 and rng is not None:
+            return Composition(sae_params, lm_params, None, False,
+                               {"factors": trainable, "scale": scale, "dropout": self.dropout, "rng": rng})
         merged = {**sae_params, **{k: lora_merge(sae_params[k], trainable[k], scale) for k in trainable}}
         return Composition(merged, lm_params, None, False)
 
@@ -158,14 +170,15 @@ class OutputAdapter:
             h = jax.nn.relu(h)
         return x_hat + jnp.einsum("...r,rD->...D", h, trainable["U"])
 
-    def __call__(self, trainable, sae_params, lm_params) -> Composition:
+    def __call__(self, trainable, sae_params, lm_params, rng=None) -> Composition:
         return Composition(sae_params, lm_params, lambda x_hat: self.apply(trainable, x_hat), False)
 
 
 def make_adapter(kind: str, rank: int | None, d_model: int, hook_layer: int, n_layers: int,
-                 lm_layers: str = "all", loss: str = "auto", alpha: float | None = None):
+                 lm_layers: str = "all", loss: str = "auto", alpha: float | None = None, dropout: float = 0.0):
     """The compose object for the `adapter:` config section. rank 0 / None = full rank (d_model).
-    alpha: the LoRA scale's numerator; None = 32 for sae_lora (the reference's PEFT setting), rank for lm_lora."""
+    alpha: the LoRA scale's numerator; None = 32 for sae_lora (the reference's PEFT setting), rank for lm_lora.
+    dropout: sae_lora only (PEFT's lora_dropout)."""
     assert kind in KINDS and lm_layers in LM_LAYERS and loss in LOSSES, (kind, lm_layers, loss)
     r = rank or d_model
     kl_only = kind == "lm_lora" if loss == "auto" else loss == "kl"
@@ -174,5 +187,5 @@ def make_adapter(kind: str, rank: int | None, d_model: int, hook_layer: int, n_l
         assert layers, "lm_layers='after' with the hook at the last block adapts nothing"
         return LMLoRA(layers, hook_layer, r, float(r if alpha is None else alpha), kl_only)
     if kind == "sae_lora":
-        return SAELoRA(r, float(32.0 if alpha is None else alpha), kl_only)
+        return SAELoRA(r, float(32.0 if alpha is None else alpha), kl_only, float(dropout))
     return OutputAdapter(d_model, r, kind == "output_mlp", kl_only)

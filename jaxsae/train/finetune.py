@@ -80,20 +80,23 @@ def init_ft_state(params, tx, sae_cfg: SAEConfig, dead, l1_coeff: float, l0_targ
 
 
 def kl_mse_loss(sp: Splice, lm_params, sae_cfg: SAEConfig, params, tokens, loss: KLLoss, *, dead, l1_coeff,
-                compose=None, frozen=None, shared=None, k=None, kl_share=None):
+                compose=None, frozen=None, shared=None, k=None, kl_share=None, rng=None):
     """The fused loss. tokens: int[b, t]. Returns (loss, aux dict).
 
     params: the differentiated pytree: the SAE's, or with `compose` an adapter's around the `frozen` SAE.
     dead: the dead-latent counter, or None to skip AuxK (a frozen SAE).
     shared: (x, clean logits or None) computed once for a sweep's SAEs (`shared_branches`); None: here.
     k, kl_share: a sweep member's (traced) k and KL share (None: the config's).
+    rng: this step's key, for an adapter with dropout (SAE-LoRA); None: no dropout.
     """
     module = make_sae(sae_cfg)
-    comp = identity_composition(params, lm_params) if compose is None else compose(params, frozen, lm_params)
+    comp = (identity_composition(params, lm_params) if compose is None
+            else compose(params, frozen, lm_params, rng=rng))
     mask_dead = None if dead is None else dead_mask(dead, sae_cfg)
     x, clean_shared = (None, None) if shared is None else shared
     s = splice(sp, lm_params, tokens, lambda p, xn: module.apply({"params": p}, xn, train=True, l1_coeff=l1_coeff,
-                                                                 dead=mask_dead, k=k), comp, x=x)
+                                                                 dead=mask_dead, k=k, lora=comp.sae_lora),
+               comp, x=x)
     mf = s.mask.astype(jnp.float32)
     n = jnp.maximum(mf.sum(), 1.0)
     xn = jax.lax.stop_gradient(s.x_in.astype(jnp.float32) / sp.scale)
@@ -137,7 +140,8 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
         (total, aux), grads = jax.value_and_grad(
             lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
                                   compose=compose, frozen=state.get("frozen"), shared=shared, k=k,
-                                  kl_share=kl_share), has_aux=True)(state["params"])
+                                  kl_share=kl_share, rng=jax.random.fold_in(state["rng"], state["step"])),
+            has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         out = aux["out"]

@@ -11,9 +11,10 @@ from jaxsae.sae import SAEConfig, maybe_unit_norm_decoder
 def schedule(pc: PhaseCfg, total_steps: int) -> optax.Schedule:
     """warmup_decay: linear warm-up, constant, linear decay to 0 over the last `decay_fraction` of steps
     (the paper's MSE phase); linear: lr -> 0 over the phase, no warm-up (the fine-tune); constant."""
-    if pc.schedule == "constant":
+    name = pc.schedule_name()
+    if name == "constant":
         return optax.constant_schedule(pc.lr)
-    if pc.schedule == "linear":
+    if name == "linear":
         return optax.linear_schedule(pc.lr, 0.0, max(total_steps, 1))
     decay_start = int(total_steps * (1.0 - pc.decay_fraction))
     warm = min(pc.warmup_steps, decay_start)

@@ -104,7 +104,7 @@ def adapter_of_cfg(cfg: C.RunConfig, d_model: int, n_layers: int):
     from jaxsae.train.adapters import make_adapter
 
     a = cfg.adapter
-    return make_adapter(a.kind, a.rank, d_model, cfg.hook.layer, n_layers, a.lm_layers, a.loss, a.alpha)
+    return make_adapter(a.kind, a.rank, d_model, cfg.hook.layer, n_layers, a.lm_layers, a.loss, a.alpha, a.dropout)
 
 
 def adapter_of(ctx: Context):
