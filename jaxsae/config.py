@@ -122,12 +122,16 @@ class KLCfg(PhaseCfg):
 
     batch_sequences: int = 8  # paper: 8 sequences of 1024 for Pythia, 2 for Gemma
     kl_share: float = 0.5  # loss = (1 - s) MSE + s beta KL; s = 1/2 is the paper's
-    # hold L0 (measured on the window's first batch) by nudging the L1 coefficient by l1_rate per step;
+    # hold L0 (measured on the window's first batches) by moving the L1 coefficient every step;
     # None = on for the kinds with an L1 penalty (ReLU) when the phase continues a trained SAE
     l1_controller: bool | None = None
-    # None = sized to the window so that λ can move by up to 20x over it, as the reference's 0.1% per step
-    # does over its ~3,000 steps
+    # sign: the reference's λ·(1 ± l1_rate); pi: proportional-integral on log(L0/target), whose speed grows
+    # with the error (for an L0 pushed up faster than the sign rule's fixed rate; `finetune.control_l1`)
+    l1_control: Literal["sign", "pi"] = "sign"
+    # sign: None = sized to the window so that λ can move by up to 20x over it, as the reference's 0.1% per
+    # step does over its ~3,000 steps; pi: the integral gain (None = 0.1)
     l1_rate: float | None = None
+    l1_gain: float = 0.5  # pi: the proportional gain, log λ's immediate response to log(L0/target)
     auxk: bool = False  # the AuxK dead-latent loss; the reference's fine-tune has none
 
 

@@ -67,7 +67,7 @@ def test_every_phase_has_its_own_optimiser():
     cfg = RunConfig()
     assert (cfg.mse.schedule, cfg.mse.weight_decay, cfg.mse.clip) == ("warmup_decay", 0.0, 1.0)
     assert (cfg.finetune.schedule, cfg.finetune.weight_decay, cfg.finetune.clip) == ("linear", 0.01, 1.0)
-    assert cfg.e2e.schedule == "constant" and cfg.adapter.schedule == "linear"
+    assert cfg.e2e.schedule == "constant" and cfg.adapter.schedule_name() == "constant"  # the default adapter is an output adapter
     e2e_only = load_config(None, ["phases=[mse, finetune, e2e]", "finetune.weight_decay=0.1"])
     assert e2e_only.e2e.weight_decay == 0.01  # no borrowing
 

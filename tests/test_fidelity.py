@@ -20,7 +20,7 @@ from jaxsae.sae import SAEConfig, init_sae
 from jaxsae.splice import Splice, splice
 from jaxsae.train.adapters import identity_composition
 from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
-from jaxsae.train.kl_phase import CONTROLLER_RANGE, loss_of
+from jaxsae.train.kl_phase import CONTROLLER_RANGE, PI_INTEGRAL_GAIN, loss_of
 from jaxsae.train.optim import optimizer
 
 LAYER, SCALE, V = 1, 1.3, 61
@@ -101,6 +101,10 @@ def test_controller_rate_is_sized_to_the_window():
     fixed = C.load_config(None, ["phases=[mse, finetune]", "sae.kind=relu", "finetune.l1_rate=0.01"])
     assert loss_of(fixed, phase, sae_cfg, True, True, 244).l1_rate == 0.01
     assert not loss_of(cfg, phase, sae_cfg, True, False, 244).l1_controller  # a fresh SAE: nothing to hold
+    assert loss.l1_control == "sign"  # the reference's rule by default
+    pi = C.load_config(None, ["phases=[mse, finetune]", "sae.kind=relu", "finetune.l1_control=pi"])
+    loss = loss_of(pi, phase, sae_cfg, True, True, 244)
+    assert (loss.l1_control, loss.l1_rate, loss.l1_gain) == ("pi", PI_INTEGRAL_GAIN, 0.5)
 
 
 def test_seed_summary_gives_mean_and_sd(tmp_path):

@@ -125,6 +125,44 @@ def test_linear_decay_to_zero_without_warmup():
     assert float(sched(100)) == 0.0
 
 
+def test_pi_controller_rule():
+    """pi: λ = λ_I·exp(gain·e), log λ_I += rate·e with e = log(L0/target) clipped to ±0.5."""
+    from jaxsae.train.finetune import control_l1
+
+    loss = KLLoss(l1_controller=True, l1_control="pi", l1_rate=0.05, l1_gain=1.0)
+    for l0, target in ((18.0, 16.0), (14.0, 16.0), (160.0, 16.0)):
+        e = float(np.clip(np.log(l0 / target), -0.5, 0.5))
+        l1, base = control_l1(loss, jnp.float32(0.3), jnp.float32(0.2), jnp.float32(l0), jnp.float32(target))
+        assert float(base) == pytest.approx(0.2 * np.exp(0.05 * e), rel=1e-6)
+        assert float(l1) == pytest.approx(0.2 * np.exp(0.05 * e) * np.exp(e), rel=1e-6)
+    same, _ = control_l1(loss, jnp.float32(0.3), jnp.float32(0.2), jnp.float32(16.0), jnp.float32(16.0))
+    assert float(same) == pytest.approx(0.2)  # on target: λ returns to the integral state
+
+
+def test_pi_controller_follows_a_fast_push_where_sign_overshoots():
+    """A plant whose L0 falls with a lagged λ (L0 = d_t·(λ0/λ_eff)^0.7, λ_eff an EMA 0.9 of λ) while the
+    fine-tune pushes L0 up 2% a step for 60 of 244 steps (×3.3): the sign rule at the window-sized rate
+    (1.2%/step) cannot keep up and overshoots; the PI rule's speed grows with the error, so it stays
+    closer and settles within 2% by mid-window."""
+    from jaxsae.train.finetune import control_l1
+    from jaxsae.train.kl_phase import CONTROLLER_RANGE, PI_INTEGRAL_GAIN
+
+    steps, target, lam0 = 244, 16.0, 0.2
+    rules = {"sign": KLLoss(l1_controller=True, l1_control="sign", l1_rate=CONTROLLER_RANGE ** (1 / steps) - 1),
+             "pi": KLLoss(l1_controller=True, l1_control="pi", l1_rate=PI_INTEGRAL_GAIN,
+                          l1_gain=FinetuneCfg().l1_gain)}
+    errs = {}
+    for name, loss in rules.items():
+        lam, base, eff, errs[name] = jnp.float32(lam0), jnp.float32(lam0), lam0, []
+        for t in range(steps):
+            eff = 0.9 * eff + 0.1 * float(lam)
+            l0 = target * 1.02 ** min(t, 60) * (lam0 / eff) ** 0.7
+            errs[name].append(abs(l0 / target - 1))
+            lam, base = control_l1(loss, lam, base, jnp.float32(l0), jnp.float32(target))
+    assert max(errs["sign"]) > 2 * max(errs["pi"])
+    assert max(errs["pi"][122:]) < 0.02
+
+
 def test_relu_l1_controller_holds_l0(lm):
     sae_cfg, sae_module, params = _sae("relu")
     tx, sched = _ft_opt(1e-4, 10, sae_cfg)

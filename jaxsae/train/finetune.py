@@ -45,7 +45,8 @@ class KLLoss:
 
     kl_share: s in (1 - s)·MSE + s·β·KL; ½ is the paper's, 0 the MSE-only control (no suffix runs).
     kl_only: loss = KL alone (LoRA on the LM: the MSE target moves with the LM).
-    l1_controller: hold L0 at the state's l0_target by moving λ by ±l1_rate per step (ReLU SAEs).
+    l1_controller: hold L0 at the state's l0_target by moving λ every step (ReLU SAEs): `control_l1`.
+    l1_control, l1_rate, l1_gain: the rule (sign | pi) and its rate / integral gain and proportional gain.
     auxk: the SAE's AuxK dead-latent term (the reference's fine-tune has none).
     """
 
@@ -53,6 +54,8 @@ class KLLoss:
     kl_only: bool = False
     l1_controller: bool = False
     l1_rate: float = 0.001
+    l1_control: str = "sign"
+    l1_gain: float = 1.0
     auxk: bool = True
 
 
@@ -69,13 +72,30 @@ def finetune_optimizer(lr: float, total_steps: int, sae_cfg: SAEConfig | None, w
     return (inner if sae_cfg is None else maybe_unit_norm_decoder(sae_cfg, inner)), sched
 
 
+def control_l1(loss: KLLoss, l1: jax.Array, l1_base: jax.Array | None, l0: jax.Array, target: jax.Array):
+    """(λ for the next step, the PI rule's integral state): the L1 controller after a step whose batch had L0 `l0`.
+
+    sign (the reference): λ·(1 + rate) when L0 > target, else λ·(1 - rate): a pure integral action at a
+      fixed speed, which lags when the fine-tune pushes L0 up faster than the rate allows.
+    pi: with e = log(L0/target) (clipped to ±0.5 against a freak batch), the integral state moves as
+      log λ_I += rate·e and λ = λ_I·exp(gain·e): the proportional part answers a jump of L0 in the same
+      step, the integral part removes the steady offset. Both act on log λ, so they are scale free.
+    l1, l1_base: f32[]; l1_base is the integral state λ_I (pi; carried unchanged by sign)."""
+    if loss.l1_control == "sign":
+        return jnp.where(l0 > target, l1 * (1 + loss.l1_rate), l1 * (1 - loss.l1_rate)), l1_base
+    e = jnp.clip(jnp.log(jnp.maximum(l0, 1e-3) / jnp.maximum(target, 1e-3)), -0.5, 0.5)
+    base = l1_base * jnp.exp(loss.l1_rate * e)
+    return base * jnp.exp(loss.l1_gain * e), base
+
+
 def init_ft_state(params, tx, sae_cfg: SAEConfig, dead, l1_coeff: float, l0_target: float, seed: int,
                   frozen=None) -> dict:
     """Fine-tune state: the MSE phase's fields plus the L1 coefficient λ and the L0 it holds.
     With an adapter, `params` are the adapter's and `frozen` the SAE it wraps (carried unchanged)."""
     state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
                  dead=jnp.asarray(dead, jnp.int32), rng=jax.random.key_data(jax.random.PRNGKey(seed)),
-                 l1=jnp.asarray(l1_coeff, jnp.float32), l0_target=jnp.asarray(l0_target, jnp.float32))
+                 l1=jnp.asarray(l1_coeff, jnp.float32), l1_base=jnp.asarray(l1_coeff, jnp.float32),
+                 l0_target=jnp.asarray(l0_target, jnp.float32))
     return state if frozen is None else {**state, "frozen": frozen}
 
 
@@ -149,17 +169,19 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
             params, dead = post_update(sae_cfg, params, state["dead"], out, tokens.size, state["step"])
         else:  # the base SAE is frozen: only count which latents fire
             dead = update_dead_counter(state["dead"], out.fired, tokens.size)
-        l1 = state["l1"]
+        l1, l1_base = state["l1"], state["l1_base"]
         if loss.l1_controller:
-            # The reference holds L0 at its pre-fine-tune value by nudging λ by ±0.1% per step.
-            l1 = jnp.where(out.l0 > state["l0_target"], l1 * (1 + loss.l1_rate), l1 * (1 - loss.l1_rate))
+            l1, l1_base = control_l1(loss, l1, l1_base, out.l0, state["l0_target"])
         metrics = {"train/loss": total, "train/mse": aux["mse"], "train/l0": out.l0,
                    **{f"train/{k}": v for k, v in out.penalties.items()}, "train/l1_coeff": state["l1"],
                    "train/lr": schedule(state["step"]),
                    "train/dead_fraction": jnp.mean(dead_mask(dead, sae_cfg).astype(jnp.float32))}
         if loss.kl_share > 0.0 or kl_only:
             metrics.update({"train/kl": aux["kl"], "train/beta": aux["beta"]})
-        new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1, "dead": dead, "l1": l1}
+        if loss.l1_controller:
+            metrics["train/l0_target"] = state["l0_target"]
+        new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1, "dead": dead, "l1": l1,
+               "l1_base": l1_base}
         return new, metrics
 
     if sweep is None:

@@ -25,6 +25,10 @@ from jaxsae.train.optim import optimizer
 # The reference moves λ by 0.1% per step over a ~3,000-step window: up to ~20x either way. A window of
 # another length gets the rate that allows the same range.
 CONTROLLER_RANGE = 20.0
+# The PI controller's integral gain per step on log(L0/target) (`finetune.control_l1`).
+PI_INTEGRAL_GAIN = 0.1
+# The batches at the window's start over which the L0 the controller holds is measured.
+TARGET_BATCHES = 32
 
 
 def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool, total_steps: int) -> KLLoss:
@@ -33,9 +37,14 @@ def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool,
     sec = C.section(cfg, phase.name)
     controller = kind_of(sae_cfg).l1_controlled if sec.l1_controller is None else sec.l1_controller
     share = sec.kl_share if phase.kl_share is None else phase.kl_share
-    rate = sec.l1_rate if sec.l1_rate is not None else CONTROLLER_RANGE ** (1.0 / max(total_steps, 1)) - 1.0
+    if sec.l1_rate is not None:
+        rate = sec.l1_rate
+    elif sec.l1_control == "sign":
+        rate = CONTROLLER_RANGE ** (1.0 / max(total_steps, 1)) - 1.0
+    else:
+        rate = PI_INTEGRAL_GAIN
     return KLLoss(kl_share=share, l1_controller=controller and trains_sae and continues, l1_rate=rate,
-                  auxk=sec.auxk)
+                  l1_control=sec.l1_control, l1_gain=sec.l1_gain, auxk=sec.auxk)
 
 
 def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
@@ -63,9 +72,10 @@ def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compo
     return StepParts(total, tx, abstract, state_sh, batch_sh, step)
 
 
-def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None):
-    """The SAE's mean L0 over every token of tokens: int[b, t] (the training step's own measure); for a
-    sweep (stacked params, ks: each member's k), an array of one L0 per member."""
+def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None, per: int | None = None):
+    """The SAE's mean L0 over every token of tokens: int[b, t] (the training step's own measure), taken
+    `per` sequences at a time (None: all at once); for a sweep (stacked params, ks: each member's k), an
+    array of one L0 per member."""
     from jaxsae.sae import make_sae
 
     module = make_sae(ctx.sae_cfg)
@@ -79,7 +89,9 @@ def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None):
             return module.apply({"params": params}, x, train=True)[1].l0
         return jax.vmap(lambda p, k: module.apply({"params": p}, x, train=True, k=k)[1].l0)(params, ks)
 
-    out = l0(ctx.lm.params, sae_params, tokens, ks)
+    per = per or len(tokens)
+    out = np.mean([np.asarray(l0(ctx.lm.params, sae_params, tokens[i:i + per], ks))
+                   for i in range(0, len(tokens) - per + 1, per)], axis=0)
     return float(out) if ks is None else np.asarray(out)
 
 
@@ -124,9 +136,11 @@ def run_phase(ctx, phase, start):
 
     def first_state():
         # only for a phase that does not resume (a checkpoint carries its l0_target): the L0 the controller
-        # holds is measured as it measures it, on training text, not the eval's
+        # holds is measured as it measures it, on training text, not the eval's, and over the window's first
+        # TARGET_BATCHES batches: one batch's L0 is off by ~7% (demo), which the controller would then hold
         ks = None if hp is None else hp["k"]
-        target = l0 if start is None else window_l0(ctx, params, seqs[:per], ks)
+        n = min(parts.total, TARGET_BATCHES)
+        target = l0 if start is None else window_l0(ctx, params, seqs[:n * per], ks, per)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
@@ -138,7 +152,7 @@ def run_phase(ctx, phase, start):
     # the first state is built under jit straight into its shardings (arrays as arguments, not constants)
     if members:  # each member's λ starts from its own sae.l1_coeff
         def one(p, d, lp, t, l1):
-            return {**fresh(parts.tx, p, d, lp, t), "l1": l1}
+            return {**fresh(parts.tx, p, d, lp, t), "l1": l1, "l1_base": l1}
 
         l1s = jax.numpy.asarray(hp["l1_coeff"])
         first = jax.jit(lambda p, d, lp, t: jax.vmap(one, in_axes=(0, 0, None, 0, 0))(p, d, lp, t, l1s),
