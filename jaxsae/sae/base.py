@@ -170,14 +170,16 @@ class SAEBase(nn.Module):
     """
 
     cfg: SAEConfig
-    # Norm of the initial decoder rows; W_enc starts as W_dec.T.
+    # Norm of the initial decoder rows (1 whenever cfg.unit_norm_decoder); W_enc starts as W_dec.T.
     decoder_init_norm: ClassVar[float] = 1.0
 
     def setup(self):
         cfg = self.cfg
         S, D = cfg.d_sae, cfg.d_model
         part = nn.with_logical_partitioning
-        init_dec = functools.partial(unit_rows, norm=self.decoder_init_norm)
+        # a unit-norm decoder starts at unit norm (the optimizer would renormalise it after one step anyway)
+        norm = 1.0 if cfg.unit_norm_decoder else self.decoder_init_norm
+        init_dec = functools.partial(unit_rows, norm=norm)
         W_dec = self.param("W_dec", part(init_dec, ("d_sae", "d_model")), (S, D))
         # Encoder starts as the decoder transpose (Gao et al.): each latent
         # initially reads the direction it writes, which cuts dead latents.

@@ -40,6 +40,9 @@ class SAEConfig:
       jumprelu_init_threshold: JumpReLU initial theta (stored as log).
       jumprelu_bandwidth: JumpReLU straight-through rectangle kernel width eps.
       l0_coeff: JumpReLU only; weight of the mean L0 penalty.
+      decoder_unit_norm: hold decoder rows at unit norm (gradient projection + renormalisation);
+        None = the kind's default (on for topk and the batchtopk kinds, off for relu and jumprelu).
+        Read the result as the `unit_norm_decoder` property.
       auxk_coeff: topk and batchtopk kinds; weight of the AuxK dead-latent loss.
       k_aux: latents used by AuxK; None -> d_model // 2 (clamped to d_sae).
       dead_tokens_threshold: a latent that has not fired for this many
@@ -69,6 +72,7 @@ class SAEConfig:
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
     l0_coeff: float = 0.0
+    decoder_unit_norm: bool | None = None
     auxk_coeff: float = 1 / 32
     k_aux: int | None = None
     dead_tokens_threshold: int = 10_000_000
@@ -99,8 +103,12 @@ class SAEConfig:
 
     @property
     def unit_norm_decoder(self) -> bool:
+        """Decoder rows are held at unit norm: `decoder_unit_norm`, or the kind's default when None.
+        Everything that treats the decoder differently for unit-norm SAEs reads this, not the kind."""
         from jaxsae.sae.kinds import kind_of  # local: the kinds import the modules, which import this
 
+        if self.decoder_unit_norm is not None:
+            return self.decoder_unit_norm
         return kind_of(self).unit_norm_decoder
 
     def validate(self, *, require_d_model: bool = True) -> "SAEConfig":
@@ -133,6 +141,9 @@ class SAEConfig:
             v = getattr(self, name)
             if not v >= 0:  # also catches NaN
                 fail(f"sae.{name}={v!r} is negative: choose {name} >= 0")
+        if not (self.decoder_unit_norm is None or isinstance(self.decoder_unit_norm, bool)):
+            fail(f"sae.decoder_unit_norm={self.decoder_unit_norm!r}: choose true, false or leave it out "
+                 "(the kind's default)")
         for name in ("l1_warmup_steps", "threshold_start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

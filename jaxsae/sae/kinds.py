@@ -2,7 +2,8 @@
 
 Code outside a kind's module asks its `SAEKind` instead of testing names:
 
-    kind_of(cfg).unit_norm_decoder      the optimizer keeps decoder rows at unit norm
+    kind_of(cfg).unit_norm_decoder      the kind's default for holding decoder rows at unit norm (read
+                                        `cfg.unit_norm_decoder`, which `sae.decoder_unit_norm` overrides)
     kind_of(cfg).l1_controlled          the fine-tune nudges the L1 coefficient to hold L0
     post_update(cfg, params, out, step) after each optimizer step (BatchTopK's threshold)
 
@@ -48,7 +49,8 @@ class SAEKind:
     Attributes:
       name: the `sae.kind` value.
       module: the Flax module class (an `SAEBase` subclass) built from an SAEConfig.
-      unit_norm_decoder: decoder rows are held at unit norm (gradient projection + renormalisation).
+      unit_norm_decoder: by default decoder rows are held at unit norm (gradient projection +
+        renormalisation); `SAEConfig.decoder_unit_norm` overrides it, so code reads `cfg.unit_norm_decoder`.
       l1_controlled: sparsity comes from an L1 coefficient, which the fine-tune's controller nudges to
         hold L0 (the `train/l1_coeff` metric).
       fixed_k: exactly k latents per token, known per token: `decode: sparse` can gather them.

@@ -2,7 +2,7 @@
 
 The state is a plain pytree (what Orbax saves and the sharding rules see):
     params      SAE params (`jaxsae.sae.init_sae`)
-    opt_state   optax Adam state (the unit-norm decoder wrapper for TopK kinds)
+    opt_state   optax Adam state (in the unit-norm decoder wrapper when `sae_cfg.unit_norm_decoder`)
     step        i32[]
     dead        i32[d_sae]  tokens since each latent last fired (AuxK's dead mask)
     rng         u32[2]      carried for kinds or phases that sample; checkpointed so resume is exact
