@@ -21,7 +21,9 @@ p = x @ W_enc + b_enc, b_dec not subtracted (apply_b_dec_to_input is False and n
 b_dec into b_enc. Decoders: dec(f) + bias / b_dec.
 
 `config.json` is {"trainer": <the matching trainer's `config` dict>, "buffer": {...}}, as `trainSAE` writes
-it; the fields with a jaxsae equivalent are filled from the run's config, the others are null.
+it; the fields with a jaxsae equivalent are filled from the run's config, the others are null. Import reads
+back those that describe the SAE (k, the Matryoshka groups) and JumpReluTrainer's loss settings (target_l0,
+sparsity_penalty, bandwidth, sparsity_warmup_steps).
 The activation scale is folded into the weights (`fold.to_raw`): latents equal jaxsae's. (dictionary_learning's
 own `normalize_activations` folds it into the biases instead, which multiplies latents by the scale; both
 reconstruct raw activations identically, and import reads either.)
@@ -134,8 +136,34 @@ def _write_jumprelu(cfg, p):
 
 def _read_jumprelu(w, k, trainer):
     # jaxsae subtracts b_dec before encoding; this class does not
-    return {"W_enc": w["W_enc"], "b_enc": w["b_enc"] + w["b_dec"] @ w["W_enc"], "W_dec": w["W_dec"],
-            "b_dec": w["b_dec"], "log_threshold": log_threshold(w["threshold"])}, {}
+    params = {"W_enc": w["W_enc"], "b_enc": w["b_enc"] + w["b_dec"] @ w["W_enc"], "W_dec": w["W_dec"],
+              "b_dec": w["b_dec"], "log_threshold": log_threshold(w["threshold"])}
+    return params, _jumprelu_training(trainer)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _jumprelu_training(trainer: dict) -> dict:
+    """The JumpReluTrainer settings config.json records, as SAEConfig fields (those absent or null are left
+    at jaxsae's defaults); a fine-tune still takes its training settings from the run (`load_init`)."""
+    fields = {}
+    if _number(trainer.get("target_l0")) and trainer["target_l0"] > 0:
+        fields["l0_target"] = float(trainer["target_l0"])
+    if _number(trainer.get("sparsity_penalty")) and trainer["sparsity_penalty"] >= 0:
+        fields["l0_coeff"] = float(trainer["sparsity_penalty"])
+    if _number(trainer.get("bandwidth")) and trainer["bandwidth"] > 0:
+        fields["jumprelu_bandwidth"] = float(trainer["bandwidth"])
+    warm = trainer.get("sparsity_warmup_steps")
+    if isinstance(warm, int) and not isinstance(warm, bool) and warm >= 0:
+        fields["l0_warmup_steps"] = warm
+    return fields
+
+
+def _jumprelu_fields(cfg: SAEConfig) -> dict:
+    # target_l0 stays null for the paper's l0_coeff * L0 penalty, which JumpReluTrainer has no key for
+    return {"target_l0": cfg.l0_target, "sparsity_warmup_steps": cfg.l0_warmup_steps}
 
 
 # --- MatryoshkaBatchTopKSAE (matryoshka_batchtopk) ---
@@ -202,7 +230,7 @@ CLASSES: dict[str, DLClass] = {
         ("trainer_class", "dict_class", "lr", "steps", "seed", "activation_dim", "dict_size", "device", "layer",
          "lm_name", "wandb_name", "submodule_name", "bandwidth", "sparsity_penalty", "sparsity_warmup_steps",
          "target_l0"),
-        ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), _write_jumprelu, _read_jumprelu),
+        ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"), _write_jumprelu, _read_jumprelu, _jumprelu_fields),
     "MatryoshkaBatchTopKSAE": DLClass(
         "MatryoshkaBatchTopKTrainer",
         ("trainer_class", "dict_class", "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta",
@@ -246,7 +274,7 @@ def _trainer_config(sae: LoadedSAE, run_config: dict | None, lm_name: str | None
         "wandb_name": None, "submodule_name": f"resid_post_layer_{layer}",
         "auxk_alpha": cfg.auxk_coeff, "top_k_aux": cfg.effective_k_aux,
         "l1_penalty": cfg.l1_coeff, "bandwidth": cfg.jumprelu_bandwidth, "sparsity_penalty": cfg.l0_coeff,
-        "target_l0": None, **cls.trainer_fields(cfg),
+        **cls.trainer_fields(cfg),
     }
     return {k: known.get(k) for k in cls.trainer_keys}
 

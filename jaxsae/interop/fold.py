@@ -39,8 +39,9 @@ def to_raw(cfg: SAEConfig, params: dict, scale: float) -> dict:
 
 
 def unit_rows(cfg: SAEConfig, params: dict, tol: float = 1e-3) -> dict:
-    """For kinds trained with unit-norm decoder rows (topk, the batchtopk kinds): fold the rows' common norm c into
-    the encoder (W_dec / c, W_enc, b_enc, threshold * c). This is exact only because c is one number for
+    """For SAEs trained with unit-norm decoder rows (`cfg.unit_norm_decoder`: topk, the batchtopk kinds, jumprelu
+    with sae.decoder_unit_norm): fold the rows' common norm c into the encoder (W_dec / c, W_enc, b_enc,
+    threshold * c). This is exact only because c is one number for
     every latent (a per-latent factor would reorder the top-k), so rows whose norms differ by more than
     `tol` are refused: the fine-tune's renormalisation would change which latents fire."""
     p = _f32(params)
@@ -56,6 +57,8 @@ def unit_rows(cfg: SAEConfig, params: dict, tol: float = 1e-3) -> dict:
     out = {**p, "W_dec": p["W_dec"] / c, "W_enc": p["W_enc"] * c, "b_enc": p["b_enc"] * c}
     if "threshold" in out:
         out["threshold"] = out["threshold"] * c
+    if "log_threshold" in out:  # jumprelu: pre scales by c, so must theta
+        out["log_threshold"] = out["log_threshold"] + np.log(c)
     return out
 
 

@@ -34,7 +34,7 @@ from jaxsae.sae.decoder_norm import (
     unit_norm_decoder,
 )
 from jaxsae.sae.init import geometric_median, init_sae, sae_param_axes
-from jaxsae.sae.jumprelu import JumpReLUSAE, heaviside_step, jumprelu
+from jaxsae.sae.jumprelu import JumpReLUSAE, heaviside_step, jumprelu, l0_coeff_at
 from jaxsae.sae.kinds import KINDS, SAEKind, kind_of, post_update
 from jaxsae.sae.matryoshka import MatryoshkaBatchTopKSAE
 from jaxsae.sae.relu import ReLUSAE, l1_coeff_at
@@ -69,6 +69,7 @@ __all__ = [
     "dead_mask",
     "update_threshold",
     "l1_coeff_at",
+    "l0_coeff_at",
     "jumprelu",
     "heaviside_step",
     "project_out_parallel_grad",

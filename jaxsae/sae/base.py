@@ -44,7 +44,8 @@ class SAEOutput(NamedTuple):
         reconstruction; the names are fixed per kind (trainers log them as
         `train/<name>`):
           l1          relu: l1_coeff * mean_tokens sum_i f_i ||W_dec,i||
-          l0_loss     jumprelu: l0_coeff * mean_tokens L0, STE gradients
+          l0_loss     jumprelu: l0_coeff * L0, or l0_coeff * (L0 / l0_target - 1)^2 with
+                      sae.l0_target; L0 = mean_tokens sum_i H(pre_i - theta_i), STE gradients
           auxk        topk, batchtopk kinds: auxk_coeff * AuxK (0 without dead latents)
           matryoshka  matryoshka_batchtopk: the inner prefixes' reconstruction losses
     """
@@ -69,6 +70,14 @@ def reconstruction_loss(x: jax.Array, x_hat: jax.Array) -> jax.Array:
     """
     err = (x.astype(jnp.float32) - x_hat.astype(jnp.float32)) ** 2
     return jnp.mean(jnp.sum(err, axis=-1))
+
+
+def linear_warmup(step, steps: int) -> jax.Array:
+    """f32[]: min(step / steps, 1), the share of a sparsity coefficient in force at optimizer step `step`
+    (0 first; may be traced); 1 throughout when steps <= 0."""
+    if steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(jnp.asarray(step, jnp.float32) / steps, 1.0)
 
 
 def unit_rows(key: jax.Array, shape, dtype=jnp.float32, norm: float = 1.0) -> jax.Array:
@@ -170,14 +179,16 @@ class SAEBase(nn.Module):
     """
 
     cfg: SAEConfig
-    # Norm of the initial decoder rows; W_enc starts as W_dec.T.
+    # Norm of the initial decoder rows (1 whenever cfg.unit_norm_decoder); W_enc starts as W_dec.T.
     decoder_init_norm: ClassVar[float] = 1.0
 
     def setup(self):
         cfg = self.cfg
         S, D = cfg.d_sae, cfg.d_model
         part = nn.with_logical_partitioning
-        init_dec = functools.partial(unit_rows, norm=self.decoder_init_norm)
+        # a unit-norm decoder starts at unit norm (the optimizer would renormalise it after one step anyway)
+        norm = 1.0 if cfg.unit_norm_decoder else self.decoder_init_norm
+        init_dec = functools.partial(unit_rows, norm=norm)
         W_dec = self.param("W_dec", part(init_dec, ("d_sae", "d_model")), (S, D))
         # Encoder starts as the decoder transpose (Gao et al.): each latent
         # initially reads the direction it writes, which cuts dead latents.
@@ -199,10 +210,11 @@ class SAEBase(nn.Module):
         k: a (traced) k <= cfg.k for the fixed-k kinds (a sweep's member); None: cfg.k."""
         return self.activate(pre, train), None
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff) -> dict[str, jax.Array]:
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff) -> dict[str, jax.Array]:
         """The kind's scaled loss terms {name: f32[]} (`SAEOutput.penalties`); default none.
 
-        x: f32[N, D], pre/f: f32[N, S], x_hat: f32[N, D], dead: bool[S]|None.
+        x: f32[N, D], pre/f: f32[N, S], x_hat: f32[N, D], dead: bool[S]|None; l1_coeff / l0_coeff: f32[]
+        overrides of cfg's coefficients (a warm-up, a sweep member's) or None.
         """
         return {}
 
@@ -252,7 +264,7 @@ class SAEBase(nn.Module):
         return out + self.b_dec
 
     def __call__(self, x: jax.Array, dead: jax.Array | None = None, train: bool = True,
-                 l1_coeff=None, k=None, lora=None):
+                 l1_coeff=None, k=None, lora=None, l0_coeff=None):
         """Full forward pass for training.
 
         Args:
@@ -264,6 +276,8 @@ class SAEBase(nn.Module):
           k: optional (traced) i32[] <= cfg.k: the topk kinds keep only their top k (a sweep's
             members share one program built at the largest k; `jaxsae.sweep`).
           lora: unmerged LoRA factors with dropout on their inputs (`lora_delta`; SAE-LoRA's training step).
+          l0_coeff: optional (traced) override of cfg.l0_coeff, e.g. from `l0_coeff_at(step, cfg)`;
+            only jumprelu uses it.
         Returns:
           x_hat: f32[..., d_model], SAEOutput.
         """
@@ -273,7 +287,7 @@ class SAEBase(nn.Module):
         f, active_rows = self.activate_sparse(pre, train, k)
         x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
                  and lora is None else self.decode(f, lora))
-        penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff)
+        penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff, l0_coeff)
         if active_rows is not None:
             # from the k active entries: the dense codes then need not exist in a training step
             idx, vals = active_rows

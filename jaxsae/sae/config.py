@@ -39,7 +39,15 @@ class SAEConfig:
       l1_warmup_steps: ReLU only; linear warm-up of l1_coeff from 0.
       jumprelu_init_threshold: JumpReLU initial theta (stored as log).
       jumprelu_bandwidth: JumpReLU straight-through rectangle kernel width eps.
-      l0_coeff: JumpReLU only; weight of the mean L0 penalty.
+      l0_coeff: JumpReLU only; weight of the L0 loss (dictionary_learning's `sparsity_penalty`).
+      l0_target: JumpReLU only; None: the L0 loss is l0_coeff * L0 (the "Jumping Ahead" paper); a
+        number T > 0: l0_coeff * (L0 / T - 1)^2 (dictionary_learning's JumpReluTrainer `target_l0`),
+        which pulls the mean L0 towards T from either side.
+      l0_warmup_steps: JumpReLU only; linear warm-up of l0_coeff from 0 over the first steps of the
+        MSE phase (dictionary_learning's `sparsity_warmup_steps`); 0 = none.
+      decoder_unit_norm: hold decoder rows at unit norm (gradient projection + renormalisation);
+        None = the kind's default (on for topk and the batchtopk kinds, off for relu and jumprelu).
+        Read the result as the `unit_norm_decoder` property.
       auxk_coeff: topk and batchtopk kinds; weight of the AuxK dead-latent loss.
       k_aux: latents used by AuxK; None -> d_model // 2 (clamped to d_sae).
       dead_tokens_threshold: a latent that has not fired for this many
@@ -69,6 +77,9 @@ class SAEConfig:
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
     l0_coeff: float = 0.0
+    l0_target: float | None = None
+    l0_warmup_steps: int = 0
+    decoder_unit_norm: bool | None = None
     auxk_coeff: float = 1 / 32
     k_aux: int | None = None
     dead_tokens_threshold: int = 10_000_000
@@ -99,8 +110,12 @@ class SAEConfig:
 
     @property
     def unit_norm_decoder(self) -> bool:
+        """Decoder rows are held at unit norm: `decoder_unit_norm`, or the kind's default when None.
+        Everything that treats the decoder differently for unit-norm SAEs reads this, not the kind."""
         from jaxsae.sae.kinds import kind_of  # local: the kinds import the modules, which import this
 
+        if self.decoder_unit_norm is not None:
+            return self.decoder_unit_norm
         return kind_of(self).unit_norm_decoder
 
     def validate(self, *, require_d_model: bool = True) -> "SAEConfig":
@@ -133,7 +148,17 @@ class SAEConfig:
             v = getattr(self, name)
             if not v >= 0:  # also catches NaN
                 fail(f"sae.{name}={v!r} is negative: choose {name} >= 0")
-        for name in ("l1_warmup_steps", "threshold_start_step"):
+        if self.l0_target is not None:
+            if not kind.l0_penalty:
+                l0_kinds = " or ".join(n for n, kd in REGISTRY.items() if kd.l0_penalty)
+                fail(f"sae.l0_target is for sae.kind={l0_kinds}, not {self.kind}: remove sae.l0_target")
+            if isinstance(self.l0_target, bool) or not self.l0_target > 0:  # also catches NaN
+                fail(f"sae.l0_target={self.l0_target!r} must be > 0: set the mean L0 to aim for (e.g. 16), "
+                     "or remove it for the l0_coeff * L0 penalty")
+        if not (self.decoder_unit_norm is None or isinstance(self.decoder_unit_norm, bool)):
+            fail(f"sae.decoder_unit_norm={self.decoder_unit_norm!r}: choose true, false or leave it out "
+                 "(the kind's default)")
+        for name in ("l1_warmup_steps", "l0_warmup_steps", "threshold_start_step"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(f"sae.{name}={v!r} must be an integer >= 0")

@@ -1,4 +1,4 @@
-"""Unit-norm decoder constraint for TopK / BatchTopK SAEs.
+"""Unit-norm decoder constraint (TopK / BatchTopK SAEs; others with `sae.decoder_unit_norm: true`).
 
 With a unit-norm decoder the latent activation is the feature's magnitude,
 and the encoder cannot cheat sparsity by shrinking activations while growing
@@ -96,5 +96,5 @@ def unit_norm_decoder(inner: optax.GradientTransformation) -> optax.GradientTran
 
 
 def maybe_unit_norm_decoder(cfg: SAEConfig, tx: optax.GradientTransformation):
-    """`unit_norm_decoder(tx)` for kinds with a unit-norm decoder, else tx."""
+    """`unit_norm_decoder(tx)` when `cfg.unit_norm_decoder` (the kind's default or the config's), else tx."""
     return unit_norm_decoder(tx) if cfg.unit_norm_decoder else tx

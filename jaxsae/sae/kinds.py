@@ -2,7 +2,8 @@
 
 Code outside a kind's module asks its `SAEKind` instead of testing names:
 
-    kind_of(cfg).unit_norm_decoder      the optimizer keeps decoder rows at unit norm
+    kind_of(cfg).unit_norm_decoder      the kind's default for holding decoder rows at unit norm (read
+                                        `cfg.unit_norm_decoder`, which `sae.decoder_unit_norm` overrides)
     kind_of(cfg).l1_controlled          the fine-tune nudges the L1 coefficient to hold L0
     post_update(cfg, params, out, step) after each optimizer step (BatchTopK's threshold)
 
@@ -48,9 +49,12 @@ class SAEKind:
     Attributes:
       name: the `sae.kind` value.
       module: the Flax module class (an `SAEBase` subclass) built from an SAEConfig.
-      unit_norm_decoder: decoder rows are held at unit norm (gradient projection + renormalisation).
+      unit_norm_decoder: by default decoder rows are held at unit norm (gradient projection +
+        renormalisation); `SAEConfig.decoder_unit_norm` overrides it, so code reads `cfg.unit_norm_decoder`.
       l1_controlled: sparsity comes from an L1 coefficient, which the fine-tune's controller nudges to
         hold L0 (the `train/l1_coeff` metric).
+      l0_penalty: sparsity comes from an L0 loss on learned thresholds (l0_coeff, l0_target,
+        l0_warmup_steps apply).
       fixed_k: exactly k latents per token, known per token: `decode: sparse` can gather them.
       uses_k: `k` sets the sparsity (so k <= d_sae is checked).
       post_update: (cfg, params, out, step) -> params, applied after each optimizer step of training
@@ -66,6 +70,7 @@ class SAEKind:
     module: type[SAEBase]
     unit_norm_decoder: bool = False
     l1_controlled: bool = False
+    l0_penalty: bool = False
     fixed_k: bool = False
     uses_k: bool = False
     post_update: Callable[[SAEConfig, dict, SAEOutput, jax.Array], dict] = _same_params
@@ -82,7 +87,7 @@ REGISTRY: dict[str, SAEKind] = {k.name: k for k in (
             post_update=batchtopk.post_update, inference_threshold=batchtopk.inference_threshold,
             saelens="jumprelu", dictionary_learning="BatchTopKSAE"),
     SAEKind("relu", ReLUSAE, l1_controlled=True, saelens="standard", dictionary_learning="AutoEncoder"),
-    SAEKind("jumprelu", JumpReLUSAE, inference_threshold=jumprelu_threshold,
+    SAEKind("jumprelu", JumpReLUSAE, l0_penalty=True, inference_threshold=jumprelu_threshold,
             saelens="jumprelu", dictionary_learning="JumpReluAutoEncoder"),
     SAEKind("matryoshka_batchtopk", matryoshka.MatryoshkaBatchTopKSAE, unit_norm_decoder=True, uses_k=True,
             post_update=batchtopk.post_update, validate=matryoshka.validate,

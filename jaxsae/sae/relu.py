@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxsae.sae.base import SAEBase
+from jaxsae.sae.base import SAEBase, linear_warmup
 from jaxsae.sae.config import SAEConfig
 
 
@@ -23,10 +23,7 @@ def l1_coeff_at(step, cfg: SAEConfig, coeff=None):
     to `ReLUSAE.__call__`.
     """
     coeff = cfg.l1_coeff if coeff is None else coeff
-    if cfg.l1_warmup_steps <= 0:
-        return jnp.asarray(coeff, jnp.float32)
-    frac = jnp.minimum(jnp.asarray(step, jnp.float32) / cfg.l1_warmup_steps, 1.0)
-    return coeff * frac
+    return coeff * linear_warmup(step, cfg.l1_warmup_steps)
 
 
 class ReLUSAE(SAEBase):
@@ -41,7 +38,7 @@ class ReLUSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return jax.nn.relu(pre)
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
         coeff = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         dec_norm = jnp.linalg.norm(self.W_dec, axis=-1)  # f32[S]
         l1 = jnp.mean(jnp.sum(f * dec_norm, axis=-1))

@@ -43,7 +43,7 @@ class TopKSAE(SAEBase):
         vals = keep_first(jax.nn.relu(vals), k)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff):
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
         if dead is None:  # static: skip the extra top-k entirely
             return {"auxk": jnp.zeros((), jnp.float32)}
         # The residual is a fixed target: AuxK must not pull the main

@@ -2,7 +2,7 @@
 
 The state is a plain pytree (what Orbax saves and the sharding rules see):
     params      SAE params (`jaxsae.sae.init_sae`)
-    opt_state   optax Adam state (the unit-norm decoder wrapper for TopK kinds)
+    opt_state   optax Adam state (in the unit-norm decoder wrapper when `sae_cfg.unit_norm_decoder`)
     step        i32[]
     dead        i32[d_sae]  tokens since each latent last fired (AuxK's dead mask)
     rng         u32[2]      carried for kinds or phases that sample; checkpointed so resume is exact
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxsae import config as C
-from jaxsae.sae import SAEConfig, dead_mask, kind_of, l1_coeff_at, reconstruction_loss, update_dead_counter
+from jaxsae.sae import (SAEConfig, dead_mask, kind_of, l0_coeff_at, l1_coeff_at, reconstruction_loss,
+                        update_dead_counter)
 from jaxsae.sharding import jit_step
 from jaxsae.train.loop import StepParts, run_steps
 from jaxsae.train.optim import optimizer
@@ -32,10 +33,11 @@ def init_state(params, tx: optax.GradientTransformation, sae_cfg: SAEConfig, see
 def sae_loss(sae_module, sae_cfg: SAEConfig, params, x, dead, step, k=None, l1=None):
     """MSE-phase loss. x: f32[batch, d_model] (normalised). Returns (loss, (mse, SAEOutput)).
     k, l1: a sweep member's (traced) k and L1 coefficient (None: the config's). dead: the dead-latent
-    counter, or None when no latent is dead (AuxK skipped statically)."""
+    counter, or None when no latent is dead (AuxK skipped statically). The sparsity coefficients (L1 for
+    relu, L0 for jumprelu) are warmed up from 0 over their kind's warm-up steps."""
     x_hat, out = sae_module.apply({"params": params}, x, dead=None if dead is None else dead_mask(dead, sae_cfg),
-                                  train=True,
-                                  l1_coeff=l1_coeff_at(step, sae_cfg, l1), k=k)
+                                  train=True, l1_coeff=l1_coeff_at(step, sae_cfg, l1), k=k,
+                                  l0_coeff=l0_coeff_at(step, sae_cfg))
     mse = reconstruction_loss(x, x_hat)
     return mse + out.aux_loss, (mse, out)
 
