@@ -148,12 +148,29 @@ def _mean_sd(values: list[float]) -> str:
 
 def seeds_markdown(run_dirs: list[Path]) -> str:
     """Mean ± sd over runs (seeds) of each phase's CE gap, FVE, EV and L0, and of the share of the MSE
-    SAE's gap each phase closes (with the fine-tune's net of the control when both ran)."""
+    SAE's gap each phase closes (with the fine-tune's net of the control when both ran). Sweep runs
+    (`jaxsae.sweep`) get one such table per member name that every run has."""
+    from jaxsae import sweep_report
+
     evs = [json.loads((Path(d) / "eval.json").read_text()) for d in run_dirs]
+    title = f"Mean ± sd over {len(evs)} runs: " + ", ".join(Path(d).name for d in run_dirs)
+    if not any(sweep_report.is_sweep(ev) for ev in evs):
+        return _seeds_table(evs, title)
+    if not all(sweep_report.is_sweep(ev) for ev in evs):
+        raise SystemExit("jaxsae.report: mix of sweep and single runs: pass runs of one kind")
+    names = [n for n in next(iter(evs[0].values())) if all(n in next(iter(ev.values())) for ev in evs)]
+    if not names:
+        raise SystemExit("jaxsae.report: the sweep runs share no member name: pass runs of the same sweep")
+    per_member = [_seeds_table([{p: ev[p][n] for p in ev if n in ev[p]} for ev in evs], f"{title} — SAE {n}")
+                  for n in names]
+    return "\n".join(per_member)
+
+
+def _seeds_table(evs: list[dict], title: str) -> str:
     phases = [p for p in ["init", *P.NAMES] if all(p in ev for ev in evs)]
     keys = [("ce_gap", "CE gap"), ("fve", "FVE"), ("explained_variance", "EV (SAEBench)"), ("l0", "L0"),
             ("kl", "KL")]
-    lines = [f"Mean ± sd over {len(evs)} runs: " + ", ".join(Path(d).name for d in run_dirs), "",
+    lines = [title, "",
              "| phase | " + " | ".join(k[1] for k in keys) + " | gap closed vs the MSE SAE |",
              "|---|" + "---|" * (len(keys) + 1)]
     for p in phases:

@@ -122,3 +122,13 @@ def test_seed_summary_gives_mean_and_sd(tmp_path):
     assert "| mse | 0.1100 ± 0.0141 |" in md
     # finetune closes 30% and 33.3%; control 10% and 8.3%: net 20% and 25%
     assert "finetune | 0.0750 ± 0.0071" in md and "22.5000 ± 3.5355 %" in md
+    # the same runs as sweeps of two members (phase -> name -> metrics): one table per member, the member
+    # "k16" carrying these numbers and "k8" others
+    for i, d in enumerate(runs):
+        ev = json.loads((d / "eval.json").read_text())
+        other = {p: {**m, "ce_gap": 2 * m["ce_gap"]} for p, m in ev.items()}
+        (d / "eval.json").write_text(json.dumps({p: {"k8": other[p], "k16": ev[p]} for p in ev}))
+    swept = seeds_markdown(runs)
+    k16 = swept[swept.index("SAE k16"):]
+    assert "| mse | 0.1100 ± 0.0141 |" in k16 and "22.5000 ± 3.5355 %" in k16
+    assert "| mse | 0.2200 ± 0.0283 |" in swept[swept.index("SAE k8"):swept.index("SAE k16")]
