@@ -160,7 +160,8 @@ def test_sae_lora_dropout(lm, sae):
     assert make_adapter("sae_lora", 3, D, LAYER, lm.n_layers)(trainable, params, lm.params, rng=rng).sae_lora is None
     # a training step with dropout runs and moves only the adapter
     tx, sched = optimizer(FinetuneCfg(lr=1e-2), 10, None)
-    state = init_ft_state(trainable, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0, frozen=params)
+    state = init_ft_state(trainable, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0,
+                          frozen=jax.tree.map(jnp.copy, params))  # the step donates its state
     state, m = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched, compose=ad)(
         state, lm.params, _tokens(3))
     assert np.isfinite(float(m["train/loss"]))
