@@ -40,8 +40,9 @@ class Composition(NamedTuple):
     lm_params:    the LM params of its forward (the same object as the originals when untouched)
     out_map:      f32[..., D] -> f32[..., D] on the normalised reconstruction, or None
     rerun_prefix: the LM changes before the hook, so the spliced branch runs its own prefix
-    sae_lora:     unmerged LoRA factors the SAE applies itself ({"W_enc"|"W_dec": {"A", "B"}}, "scale",
-                  "dropout"), when dropout makes merging impossible; None otherwise (`SAEBase.lora_delta`)
+    sae_lora:     unmerged LoRA factors the SAE applies itself ({"factors": {"W_enc"|"W_dec": {"A", "B"}},
+                  "scale", "dropout", "rng"}), when dropout makes merging impossible; None otherwise
+                  (`jaxsae.sae.base.lora_delta`)
     """
 
     sae_params: Any

@@ -55,7 +55,7 @@ class KLLoss:
     l1_controller: bool = False
     l1_rate: float = 0.001
     l1_control: str = "sign"
-    l1_gain: float = 1.0
+    l1_gain: float = 0.5  # as the config's finetune.l1_gain
     auxk: bool = True
 
 
