@@ -132,6 +132,11 @@ class KLCfg(PhaseCfg):
     # step does over its ~3,000 steps; pi: the integral gain (None = 0.1)
     l1_rate: float | None = None
     l1_gain: float = 0.5  # pi: the proportional gain, log λ's immediate response to log(L0/target)
+    # > 0: the controller holds the L0 of this many training-source sequences read just before the window
+    # and never trained on (one batch of them per step, in turn), instead of each training batch's own L0
+    # (the reference's). The fine-tune lowers L0 on the files it trains on, so a window's own batches read
+    # low while held-out text drifts up (`finetune.probe_l0`). A multiple of batch_sequences.
+    l0_probe_sequences: int = 0
     auxk: bool = False  # the AuxK dead-latent loss; the reference's fine-tune has none
 
 

@@ -172,6 +172,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def probe_sharding(mesh: Mesh, rules: Mapping[str, Any] = RULES) -> NamedSharding:
+    """Sharding of the L1 controller's probe f32[n, batch, d_model] (`finetune.probe_l0`): its tokens over
+    `data` as a batch's, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(P(None, "batch"), mesh, rules))
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Any] = RULES) -> NamedSharding:
     """Sharding of a batch: dim 0 (`batch`) over `data`, the rest replicated.
 

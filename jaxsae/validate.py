@@ -78,6 +78,16 @@ def check_phase_section(cfg: RunConfig, phase: str) -> None:
              f"lower {name}.warmup_steps or raise {name}.tokens")
     if isinstance(sec, KLCfg):
         need(0.0 <= sec.kl_share <= 1.0, f"{name}.kl_share={sec.kl_share} must be in [0, 1]")
+        n = sec.l0_probe_sequences
+        need(isinstance(n, int) and n >= 0 and n % sec.batch_sequences == 0,
+             f"{name}.l0_probe_sequences={n} must be 0 or a positive multiple of {name}.batch_sequences "
+             f"({sec.batch_sequences})")
+        if n:
+            from jaxsae.sae.kinds import kind_of
+            on = kind_of(cfg.sae).l1_controlled if sec.l1_controller is None else sec.l1_controller
+            need(on and name == "finetune" and not cfg.sweep,
+                 f"{name}.l0_probe_sequences={n} feeds the L1 controller of the fine-tune (or control) of one "
+                 f"SAE with an L1 penalty (a ReLU kind, no sweep): set it to 0")
 
 
 def check_adapter(cfg: RunConfig, d_model: int | None = None) -> None:

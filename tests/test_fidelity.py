@@ -132,3 +132,23 @@ def test_seed_summary_gives_mean_and_sd(tmp_path):
     k16 = swept[swept.index("SAE k16"):]
     assert "| mse | 0.1100 ± 0.0141 |" in k16 and "22.5000 ± 3.5355 %" in k16
     assert "| mse | 0.2200 ± 0.0283 |" in swept[swept.index("SAE k8"):swept.index("SAE k16")]
+
+
+def test_l0_probe_settings():
+    from jaxsae.train.kl_phase import uses_probe
+    from jaxsae.validate import check_static
+
+    base = ["phases=[mse, control, finetune]", "sae.kind=relu", "finetune.batch_sequences=4"]
+    cfg = C.load_config(None, base + ["finetune.l0_probe_sequences=8"])
+    check_static(cfg)
+    sae_cfg = dataclasses.replace(cfg.sae, d_model=32).validate()
+    for name in ("control", "finetune"):
+        assert uses_probe(cfg, P.get(name), loss_of(cfg, P.get(name), sae_cfg, True, True, 10))
+    assert not uses_probe(cfg, P.get("finetune"), loss_of(cfg, P.get("finetune"), sae_cfg, True, False, 10))
+    off = C.load_config(None, base)
+    assert not uses_probe(off, P.get("finetune"), loss_of(off, P.get("finetune"), sae_cfg, True, True, 10))
+    for extra, msg in ((["finetune.l0_probe_sequences=6"], "positive multiple of finetune.batch_sequences (4)"),
+                       (["finetune.l0_probe_sequences=8", "sae.kind=topk"], "set it to 0"),
+                       (["finetune.l0_probe_sequences=8", "finetune.l1_controller=false"], "set it to 0")):
+        with pytest.raises(C.ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+            check_static(C.load_config(None, base + extra))

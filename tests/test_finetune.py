@@ -172,3 +172,28 @@ def test_relu_l1_controller_holds_l0(lm):
         state, m = step(state, lm.params, _tokens(4))
         assert float(state["l1"]) == pytest.approx(0.3 * direction, rel=1e-6)
         assert float(m["train/l1_coeff"]) == pytest.approx(0.3)
+
+
+def test_l1_controller_reads_the_probe_not_the_batch(lm):
+    from jaxsae.train.finetune import probe_l0
+
+    sae_cfg, sae_module, params = _sae("relu")
+    tx, sched = _ft_opt(1e-4, 10, sae_cfg)
+    step = make_finetune_step(Splice(lm, LAYER, SCALE), sae_cfg, tx, sched, KLLoss(l1_controller=True), probe=True)
+    # batch 0 of the probe fires nothing (x = b_dec = 0, b_enc = 0 at init), batch 1 fires many latents
+    rng = np.random.default_rng(3)
+    probe = jnp.asarray(np.stack([np.zeros((36, 32)), 5.0 * rng.standard_normal((36, 32))]), jnp.float32)
+    loud = float(probe_l0(sae_cfg, params, probe, jnp.int32(1)))
+    assert float(probe_l0(sae_cfg, params, probe, jnp.int32(0))) == 0.0 and loud > 5.0
+    target = loud / 2
+    state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(64, np.int32), 0.3, target, 0)
+    rate, lam, sides = KLLoss().l1_rate, 0.3, set()
+    for s in range(4):  # the probe's batches in turn
+        before = jax.tree.map(jnp.copy, state["params"])
+        state, m = step(state, lm.params, _tokens(4), probe)
+        want = float(probe_l0(sae_cfg, before, probe, jnp.int32(s)))
+        assert float(m["train/l0_probe"]) == pytest.approx(want, rel=1e-6)
+        lam *= (1 + rate) if want > target else (1 - rate)  # λ follows the probe's L0 ...
+        assert float(state["l1"]) == pytest.approx(lam, rel=1e-5)
+        sides.add((want > target, float(m["train/l0"]) > target))
+    assert any(p != b for p, b in sides)  # ... where the batch's own L0 would have moved it the other way

@@ -149,8 +149,12 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
                      lm_sh, _abstract_first(cfg, phase, sae_cfg, mcfg), continues=bool(phase.starts), members=ms)
         tokens = jax.ShapeDtypeStruct((getattr(cfg, phase.section).batch_sequences, cfg.data.context), np.int32,
                                       sharding=p.batch_sh)
+        sec = getattr(cfg, phase.section)
+        probe = () if p.probe_sh is None else (jax.ShapeDtypeStruct(
+            (sec.l0_probe_sequences // sec.batch_sequences, sec.batch_sequences * cfg.data.context, mcfg.d_model),
+            np.float32, sharding=p.probe_sh),)
         lowered = p.step.lower(abstract_with(p.abstract, p.state_sh), abstract_with(abstract_params(mcfg), lm_sh),
-                               tokens)
+                               tokens, *probe)
         out.append(_compile(f"{phase.name} step (fused KL+MSE)", lowered, phase.name))
     return out, mesh
 

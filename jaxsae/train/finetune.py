@@ -140,8 +140,17 @@ def shared_branches(sp: Splice, lm_params, tokens: jax.Array, clean: bool):
     return x, (jax.lax.stop_gradient(sp.lm.suffix(x, sp.layer, params=lm_params)) if clean else None)
 
 
+def probe_l0(sae_cfg: SAEConfig, params, probe: jax.Array, step: jax.Array, k=None) -> jax.Array:
+    """f32[]: the SAE's mean L0 on batch `step mod n` of the probe f32[n, m, d_model] (normalised activations
+    of held-out training text, `finetune.l0_probe_sequences`): the L1 controller's measure instead of the
+    training batch's own L0, which the fine-tune lowers on the files it trains on."""
+    chunk = jax.lax.dynamic_index_in_dim(probe, step % probe.shape[0], keepdims=False)
+    out = make_sae(sae_cfg).apply({"params": jax.lax.stop_gradient(params)}, chunk, train=True, k=k)[1]
+    return out.l0
+
+
 def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLoss = KLLoss(), *, compose=None,
-                       shardings=None, sweep=None):
+                       shardings=None, sweep=None, probe: bool = False):
     """Returns jit(step)(state, lm_params, tokens) -> (state, metrics), with the state donated.
 
     compose: an adapter from `jaxsae.train.adapters` (state["params"] are then its params and
@@ -149,13 +158,15 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
     shardings: optional (state, lm_params, tokens) shardings; the new state keeps the state's layout.
     sweep: (hp, tx_of) for a state stacked over N SAEs (`jaxsae.sweep`): the prefix and the clean suffix
     run once, each member's splice, spliced suffix and update run under vmap with its hyperparameters.
+    probe: the step takes a fourth argument, the L1 controller's probe f32[n, m, d_model] (`probe_l0`);
+    shardings then name its sharding too.
     """
     sae_trains = compose is None or compose.sae_trains
     kl_only = loss.kl_only or (compose is not None and compose.kl_only)
     loss = dataclasses.replace(loss, kl_only=kl_only)
 
     def update(state: dict, lm_params, tokens: jax.Array, tx, schedule, shared=None, k=None, kl_share=None,
-               auxk: bool = True):
+               auxk: bool = True, probe=None):
         dead = state["dead"] if sae_trains and loss.auxk and auxk else None
         (total, aux), grads = jax.value_and_grad(
             lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
@@ -170,8 +181,10 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
         else:  # the base SAE is frozen: only count which latents fire
             dead = update_dead_counter(state["dead"], out.fired, tokens.size)
         l1, l1_base = state["l1"], state["l1_base"]
+        # the L0 the controller reads: the SAE's before this update, as the batch's own out.l0 is
+        l0 = out.l0 if probe is None else probe_l0(sae_cfg, state["params"], probe, state["step"], k)
         if loss.l1_controller:
-            l1, l1_base = control_l1(loss, l1, l1_base, out.l0, state["l0_target"])
+            l1, l1_base = control_l1(loss, l1, l1_base, l0, state["l0_target"])
         metrics = {"train/loss": total, "train/mse": aux["mse"], "train/l0": out.l0,
                    **{f"train/{k}": v for k, v in out.penalties.items()}, "train/l1_coeff": state["l1"],
                    "train/lr": schedule(state["step"]),
@@ -180,11 +193,16 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
             metrics.update({"train/kl": aux["kl"], "train/beta": aux["beta"]})
         if loss.l1_controller:
             metrics["train/l0_target"] = state["l0_target"]
+        if probe is not None:
+            metrics["train/l0_probe"] = l0
         new = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1, "dead": dead, "l1": l1,
                "l1_base": l1_base}
         return new, metrics
 
-    if sweep is None:
+    if sweep is None and probe:
+        def step(state: dict, lm_params, tokens: jax.Array, probe_x: jax.Array):
+            return update(state, lm_params, tokens, tx, schedule, probe=probe_x)
+    elif sweep is None:
         def step(state: dict, lm_params, tokens: jax.Array):
             return update(state, lm_params, tokens, tx, schedule)
     else:

@@ -47,11 +47,16 @@ def loss_of(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool,
                   l1_control=sec.l1_control, l1_gain=sec.l1_gain, auxk=sec.auxk)
 
 
+def uses_probe(cfg: C.RunConfig, phase, loss: KLLoss) -> bool:
+    """The controller reads the L0 of held-out probe text (`finetune.l0_probe_sequences`) in this phase."""
+    return loss.l1_controller and C.section(cfg, phase.name).l0_probe_sequences > 0
+
+
 def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
              continues: bool = True, members=()) -> StepParts:
     """The fused step of `phase` (a `jaxsae.phases.Phase`). fresh(tx) -> the phase's first state (one
     member's, with sweep `members`: the step's state is then stacked over them)."""
-    from jaxsae.sharding import batch_sharding, sae_state_shardings, stack_shardings
+    from jaxsae.sharding import batch_sharding, probe_sharding, sae_state_shardings, stack_shardings
     from jaxsae.sweep import hparams
 
     sec = C.section(cfg, phase.name)
@@ -67,9 +72,11 @@ def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compo
         sweep = (hparams(cfg, members, phase.section),
                  lambda lr: optimizer(dataclasses.replace(sec, lr=lr), total, sae_cfg))
     loss = loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, continues, total)
-    step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=(state_sh, lm_sh, batch_sh),
-                              sweep=sweep)
-    return StepParts(total, tx, abstract, state_sh, batch_sh, step)
+    probe = uses_probe(cfg, phase, loss)
+    shardings = (state_sh, lm_sh, batch_sh) + ((probe_sharding(mesh),) if probe else ())
+    step = make_finetune_step(splice, sae_cfg, tx, sched, loss, compose=compose, shardings=shardings,
+                              sweep=sweep, probe=probe)
+    return StepParts(total, tx, abstract, state_sh, batch_sh, step, shardings[3] if probe else None)
 
 
 def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None, per: int | None = None):
@@ -95,12 +102,22 @@ def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None, per: int | None = No
     return float(out) if ks is None else np.asarray(out)
 
 
+def probe_activations(ctx, tokens: np.ndarray, per: int) -> np.ndarray:
+    """f32[n / per, per * t, d_model]: the normalised hook activations of tokens int[n, t], `per` sequences
+    (one training batch) to a row: the L1 controller's probe (`finetune.probe_l0`)."""
+    sp = ctx.splice
+    acts = jax.jit(lambda lm_params, toks: residual(sp, lm_params, toks).astype(jax.numpy.float32) / sp.scale)
+    rows = [np.asarray(acts(ctx.lm.params, tokens[i:i + per])).reshape(per * tokens.shape[1], -1)
+            for i in range(0, len(tokens), per)]
+    return np.stack(rows)
+
+
 def run_phase(ctx, phase, start):
     """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
     decoder^T, b_dec = 0), resuming from its last checkpoint."""
-    from jaxsae.data.windows import window_sequences
+    from jaxsae.data.windows import take_contexts, window_sequences
     from jaxsae.sae import init_sae
-    from jaxsae.sharding import batch_from_global
+    from jaxsae.sharding import batch_from_global, probe_sharding
     from jaxsae.sweep import hparams
     from jaxsae.train.pipeline import Trained, adapter_of
 
@@ -132,6 +149,16 @@ def run_phase(ctx, phase, start):
                      continues=start is not None, members=members)
     per = sec.batch_sequences
     skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
+    probe = probe_toks = None
+    if uses_probe(cfg, phase, loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, start is not None,
+                                      parts.total)):
+        # the probe is the text just after the store's; the window starts after it, so no step trains on it
+        n = sec.l0_probe_sequences
+        probe_toks = take_contexts(cfg, cfg.data.source, ctx.lm.tokenizer, n, skip,
+                                   f"data.source after the {skip} contexts the store used",
+                                   f"{phase.section}.l0_probe_sequences")
+        probe = jax.device_put(probe_activations(ctx, probe_toks, per), probe_sharding(ctx.mesh))
+        skip += n
     seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
 
     def first_state():
@@ -140,11 +167,13 @@ def run_phase(ctx, phase, start):
         # TARGET_BATCHES batches: one batch's L0 is off by ~7% (demo), which the controller would then hold
         ks = None if hp is None else hp["k"]
         n = min(parts.total, TARGET_BATCHES)
-        target = l0 if start is None else window_l0(ctx, params, seqs[:n * per], ks, per)
+        held = seqs[:n * per] if probe_toks is None else probe_toks  # with a probe: all of it, as the step reads it
+        target = l0 if start is None else window_l0(ctx, params, held, ks, per)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
-        return ctx.lm.params, batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
+        batch = batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
+        return (ctx.lm.params, batch) if probe is None else (ctx.lm.params, batch, probe)
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,

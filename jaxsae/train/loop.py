@@ -204,6 +204,7 @@ class StepParts(NamedTuple):
     state_sh: Any
     batch_sh: Any
     step: Any
+    probe_sh: Any = None  # the sharding of a KL step's fourth argument, the L1 controller's probe; None: none
 
 
 def flat(tree: dict, prefix: str = "") -> dict:
