@@ -1,6 +1,8 @@
 """Collection: an LM's residuals over a text stream into the activation store (`store.py`), resumable.
 
-One process: shards are written in row order and committed to meta.json one by one (`tokens_written`).
+One process: shards are written in row order and committed to meta.json one by one (`tokens_written`,
+`contexts_consumed`, and `stream_position`: the `Position` of the text stream after the last context those
+rows touched, where a KL phase's window starts without re-reading the store's text).
 Several processes: `collect_multi.py` (each process writes the shards it owns).
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import time
 import warnings
@@ -180,6 +183,7 @@ class _Committer:
         self.inflight: deque[tuple[int, Any]] = deque()  # (end row, write future), oldest first
         self.n_scale = min(spec.norm_sample_tokens, spec.n_tokens)
         self.delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
+        self.after: dict[int, Any] = {}  # contexts read -> the stream's Position after them (since the last commit)
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self.inflight.append((start + len(rows), self.arr[start:start + len(rows)].write(rows)))
@@ -189,7 +193,9 @@ class _Committer:
         while self.inflight and (block or self.inflight[0][1].done() or len(self.inflight) > _MAX_INFLIGHT_WRITES):
             end, fut = self.inflight.popleft()
             fut.result()
-            meta.update(tokens_written=end, contexts_consumed=-(-end // spec.rows_per_context))  # contexts touched
+            used = -(-end // spec.rows_per_context)  # contexts touched
+            meta.update(tokens_written=end, contexts_consumed=used, stream_position=self.after[used].to_json())
+            self.after = {c: p for c, p in self.after.items() if c >= used}  # a next shard may end in it
             if meta["scale"] is None and end >= self.n_scale:
                 meta["scale"] = _scale(self.arr, self.n_scale, 4 * spec.chunk_rows)
             _write_meta(self.kv, meta)
@@ -202,16 +208,23 @@ def _write_rows(lm, source, tokenizer, kv, meta: dict, arr, spec: CollectSpec, p
     written in all (fewer than n_tokens when the text ran out)."""
     from tqdm.auto import tqdm
 
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
+    from jaxsae.data.packing import batch_contexts as _batch, iter_positioned
 
     done, r, n = meta["tokens_written"], spec.rows_per_context, spec.n_tokens
     rows_of = _residual_rows(lm, spec.layer, spec.drop, _np_dtype(spec.dtype), spec.batch_contexts, mesh)
     per_batch = spec.batch_contexts * r
     b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
-    contexts = iter_contexts(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos,
-                             skip_contexts=b0 * spec.batch_contexts)
-    batches = ((len(t), rows_of(t)) for t in _batch(contexts, spec.batch_contexts, drop_last=False))
     writer = _Committer(kv, meta, arr, spec)
+    first = b0 * spec.batch_contexts
+    positioned = itertools.islice(iter_positioned(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos),
+                                  first, None)
+
+    def contexts() -> Iterator[np.ndarray]:
+        for i, (row, after) in enumerate(positioned, start=first + 1):
+            writer.after[i] = after
+            yield row
+
+    batches = ((len(t), rows_of(t)) for t in _batch(contexts(), spec.batch_contexts, drop_last=False))
     skip, pos = done - b0 * per_batch, done  # pos: first row not yet handed to tensorstore
     buf: list[np.ndarray] = []
     n_buf = 0

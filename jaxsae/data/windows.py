@@ -15,7 +15,8 @@ from jaxsae import config as C
 def take_contexts(cfg: C.RunConfig, source: dict, tokenizer, n: int, skip: int, where: str, what: str) -> np.ndarray:
     """The first `n` packed contexts int32[n, context] of `source` after `skip`; a source too short
     for them is a ConfigError naming `what` to lower."""
-    from jaxsae.data.text import iter_contexts, make_source
+    from jaxsae.data.packing import iter_contexts
+    from jaxsae.data.text import make_source
 
     bos = "auto" if cfg.data.prepend_bos else None
     rows = []
