@@ -3,8 +3,10 @@ its MSE-only control, an adapter around a frozen SAE, and the e2e baseline from 
 
 They differ only in data: where their SAE starts (`Phase.starts`), their section's optimiser, schedule
 and KL share (the control's is fixed at 0), and, for the adapter, what is trained. The fine-tune and the
-control read the window after the store's contexts; the adapter the same window; e2e its budget from the
-start of the text. A sweep (`jaxsae.sweep`) runs every phase on its stacked SAEs with one step.
+control read the window from where the store's contexts end (the position the store recorded); the adapter
+the same window; e2e its budget from the start of the text. Windows are streamed a block at a time
+(`jaxsae.data.windows`); the block starts found so far go into every checkpoint, so a resume jumps to its
+block without reading the text before it. A sweep (`jaxsae.sweep`) runs every phase on its stacked SAEs with one step.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def window_l0(ctx, sae_params, tokens: np.ndarray, ks=None, per: int | None = No
 def run_phase(ctx, phase, start):
     """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
     decoder^T, b_dec = 0), resuming from its last checkpoint."""
-    from jaxsae.data.windows import window_sequences
+    from jaxsae.data.packing import START
+    from jaxsae.data.windows import open_window, store_end
     from jaxsae.sae import init_sae
     from jaxsae.sharding import batch_from_global
     from jaxsae.sweep import hparams
@@ -131,8 +134,11 @@ def run_phase(ctx, phase, start):
     parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh_one, compose,
                      continues=start is not None, members=members)
     per = sec.batch_sequences
-    skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
-    seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
+    ckpt = ctx.plan.checkpointer(phase.name)
+    recorded = ckpt.restore_meta().get("window_starts") if ckpt.latest_step() else None
+    begin = START if start is None else store_end(cfg, ctx.lm.tokenizer, ctx.store.meta)
+    window = open_window(cfg, ctx.lm.tokenizer, parts.total * per, begin, sec.seed, f"{phase.section}.tokens",
+                         recorded)
 
     def first_state():
         # only for a phase that does not resume (a checkpoint carries its l0_target): the L0 the controller
@@ -140,11 +146,13 @@ def run_phase(ctx, phase, start):
         # TARGET_BATCHES batches: one batch's L0 is off by ~7% (demo), which the controller would then hold
         ks = None if hp is None else hp["k"]
         n = min(parts.total, TARGET_BATCHES)
-        target = l0 if start is None else window_l0(ctx, params, seqs[:n * per], ks, per)
+        target = l0 if start is None else window_l0(ctx, params, window.rows(0, n * per), ks, per)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
-        return ctx.lm.params, batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
+        rows = window.rows((step - 1) * per, step * per)
+        meta["window_starts"] = window.starts_json()  # what the next checkpoint records
+        return ctx.lm.params, batch_from_global(rows, parts.batch_sh)
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
@@ -159,7 +167,7 @@ def run_phase(ctx, phase, start):
                         out_shardings=parts.state_sh)
     else:
         first = jax.jit(lambda p, d, lp, t: fresh(parts.tx, p, d, lp, t), out_shardings=parts.state_sh)
-    state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, first_state, feed, meta,
+    state = run_steps(ckpt, ctx.log, phase.name, parts, first_state, feed, meta,
                       cfg.checkpoint.every_steps, per * cfg.data.context, names=ctx.member_names)
     if compose is not None:
         return Trained(state, state["frozen"], state["params"])
