@@ -216,8 +216,8 @@ class FilesSource:
                     continue
                 yield read_text(path)
                 continue
-            if doc > 0:
-                with open(path, "rb") as f:
+            if doc > 0:  # counted as _iter_jsonl reads (same newlines, same blank lines), not parsed
+                with open(path, encoding="utf-8", errors="replace") as f:
                     rows = sum(1 for line in f if line.strip())
                 if doc >= rows:
                     doc -= rows
