@@ -158,7 +158,7 @@ print("FINISHED", flush=True)
 """
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path):
+def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path, monkeypatch):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     # Same platform as this process (rows must match bit for bit); don't grab a whole GPU if there is one.
     env = {**os.environ, COMMIT_DELAY_ENV: "0.25", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
@@ -186,8 +186,18 @@ def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path):
     partial = open_store(killed, allow_incomplete=True)
     assert partial.n_tokens == committed
     assert meta["stream_position"] == _position_after(lm, meta["contexts_consumed"]).to_json()  # per commit
+    restart = meta["resume_at"]  # the last whole batch before the committed rows, and where its text starts
+    assert restart["contexts"] == committed // (BATCH * (CTX - 1)) * BATCH > 0
+    assert restart["position"] == _position_after(lm, restart["contexts"]).to_json()
 
+    from jaxsae.data import packing
+
+    starts = []  # the resumed collection reads the text from there, not from the beginning
+    positioned = packing.iter_positioned
+    monkeypatch.setattr(packing, "iter_positioned", lambda *a, **k: starts.append(k["start"]) or positioned(*a, **k))
     resumed = collect(lm, 1, StdlibSource("val"), lm.tokenizer, killed, n_tokens=1500, progress=False, **KW)
+    assert starts == [packing.Position.from_json(restart["position"])]
+    monkeypatch.undo()
     collect(lm, 1, StdlibSource("val"), lm.tokenizer, ref, n_tokens=1500, progress=False, **KW)
     a, b = open_store(killed), open_store(ref)
     assert resumed.complete and a.n_tokens == b.n_tokens == 1500
