@@ -69,6 +69,9 @@ class DataCfg:
     # SAEBench's convention on top: BOS, EOS and PAD token ids are neither spliced nor counted in the KL
     # phases and evaluation (the MSE phase still trains on every stored row)
     exclude_special_tokens: bool = False
+    # A KL phase's window is streamed in blocks of this many sequences, each shuffled on its own, so only
+    # one block (int32[block, context]) is in memory; a window of one block is shuffled as a whole
+    window_shuffle_sequences: int = 65_536
 
 
 @dataclasses.dataclass(frozen=True)

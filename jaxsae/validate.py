@@ -19,8 +19,8 @@ def need(ok: bool, msg: str) -> None:
 
 def check_static(cfg: RunConfig) -> None:
     """Checks that need no model or store (the rest is in `check_against_model`)."""
-    for key in ("data.context", "store.tokens", "store.batch_contexts", "checkpoint.every_steps", "checkpoint.keep",
-                "eval.sequences", "eval.batch_sequences"):
+    for key in ("data.context", "data.window_shuffle_sequences", "store.tokens", "store.batch_contexts",
+                "checkpoint.every_steps", "checkpoint.keep", "eval.sequences", "eval.batch_sequences"):
         sec, name = key.split(".")
         v = getattr(getattr(cfg, sec), name)
         need(v > 0, f"{key}={v} must be positive")

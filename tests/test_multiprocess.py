@@ -105,7 +105,7 @@ def test_two_processes_write_one_store_like_one_process(two_process_store, tmp_p
     skip = ("created", "updated", "processes")
     assert {k: v for k, v in two.meta.items() if k not in skip} == {k: v for k, v in one.meta.items()
                                                                    if k not in skip}
-    assert two.meta["processes"] == 2
+    assert two.meta["processes"] == 2 and "stream_position" in two.meta  # where a KL window starts, as one process's
     progress = [json.loads((d / "store" / "progress" / f"process-{p}.json").read_text()) for p in (0, 1)]
     assert [p["shards_done"] for p in progress] == [24, 23]  # shards 0, 2, .., 46 and 1, 3, .., 45
 

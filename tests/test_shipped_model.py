@@ -8,7 +8,8 @@ import numpy as np
 import torch
 import transformers as tf
 
-from jaxsae.data.text import StdlibSource, iter_contexts
+from jaxsae.data.packing import iter_contexts
+from jaxsae.data.text import StdlibSource
 from jaxsae.models.shipped import SHIPPED
 from jaxsae.models import load_lm
 

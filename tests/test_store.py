@@ -16,7 +16,8 @@ from jaxsae.data import store as S
 from jaxsae.data.reader import ShuffledReader
 from jaxsae.data.collect import COMMIT_DELAY_ENV, collect
 from jaxsae.data.store import StoreError, open_store, write_array_store
-from jaxsae.data.text import FilesSource, StdlibSource, iter_contexts
+from jaxsae.data.packing import iter_contexts, iter_positioned
+from jaxsae.data.text import FilesSource, StdlibSource
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, load_lm
 
@@ -52,6 +53,12 @@ def _contexts(lm, n: int, bos_id="auto") -> np.ndarray:
     return np.stack(list(itertools.islice(contexts, n)))
 
 
+def _position_after(lm, n: int):
+    """The stream's Position after its first `n` contexts (read and tokenized)."""
+    rows = iter_positioned(StdlibSource("val"), lm.tokenizer, CTX)
+    return next(itertools.islice(rows, n - 1, None))[1]
+
+
 def _residual_rows(lm, layer: int, contexts: np.ndarray, drop: int) -> np.ndarray:
     h = np.concatenate([np.asarray(lm.residual(contexts[i:i + BATCH], layer))
                         for i in range(0, len(contexts), BATCH)])
@@ -84,6 +91,7 @@ def test_collect_round_trip_and_metadata(lm, collected):
     assert m["tokenizer"]["vocab_size"] == 512 and m["source"]["kind"] == "stdlib"
     assert m["tokens_target"] == m["tokens_written"] == 1000 and m["complete"] is True
     assert m["contexts_consumed"] == 33  # ceil(1000 / 31): contexts whose rows are (partly) stored
+    assert m["stream_position"] == _position_after(lm, 33).to_json()  # where a KL window starts
     # Scale from the first norm_sample_tokens rows: E||x/s||^2 = 1 there (dictionary_learning's norm).
     s = np.sqrt(np.mean(np.sum(got[:500].astype(np.float64) ** 2, axis=1)))
     assert st.scale == pytest.approx(s, rel=1e-6) and m["norm"] == "E|x/scale|^2=1"
@@ -150,7 +158,7 @@ print("FINISHED", flush=True)
 """
 
 
-def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path):
+def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path, monkeypatch):
     killed, ref = tmp_path / "killed", tmp_path / "ref"
     # Same platform as this process (rows must match bit for bit); don't grab a whole GPU if there is one.
     env = {**os.environ, COMMIT_DELAY_ENV: "0.25", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
@@ -177,8 +185,19 @@ def test_resume_after_sigkill_equals_uninterrupted_run(lm, model_dir, tmp_path):
         open_store(killed)
     partial = open_store(killed, allow_incomplete=True)
     assert partial.n_tokens == committed
+    assert meta["stream_position"] == _position_after(lm, meta["contexts_consumed"]).to_json()  # per commit
+    restart = meta["resume_at"]  # the last whole batch before the committed rows, and where its text starts
+    assert restart["contexts"] == committed // (BATCH * (CTX - 1)) * BATCH > 0
+    assert restart["position"] == _position_after(lm, restart["contexts"]).to_json()
 
+    from jaxsae.data import packing
+
+    starts = []  # the resumed collection reads the text from there, not from the beginning
+    positioned = packing.iter_positioned
+    monkeypatch.setattr(packing, "iter_positioned", lambda *a, **k: starts.append(k["start"]) or positioned(*a, **k))
     resumed = collect(lm, 1, StdlibSource("val"), lm.tokenizer, killed, n_tokens=1500, progress=False, **KW)
+    assert starts == [packing.Position.from_json(restart["position"])]
+    monkeypatch.undo()
     collect(lm, 1, StdlibSource("val"), lm.tokenizer, ref, n_tokens=1500, progress=False, **KW)
     a, b = open_store(killed), open_store(ref)
     assert resumed.complete and a.n_tokens == b.n_tokens == 1500

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from jaxsae.data import text as T
-from jaxsae.data.text import (FilesSource, HFDatasetSource, StdlibSource, batch_contexts,
-                              iter_contexts, make_source, pack_tokens, stdlib_files)
+from jaxsae.data.packing import batch_contexts, iter_contexts, pack_tokens
+from jaxsae.data.text import FilesSource, HFDatasetSource, StdlibSource, make_source, stdlib_files
 
 
 # --------------------------------------------------------------------------- stdlib split

@@ -62,7 +62,8 @@ def _bos(info: RunInfo) -> str | None:
 
 def text_batches(spec: dict, tokenizer, info: RunInfo, n_contexts: int, batch: int) -> Iterator[Batch]:
     """Up to `n_contexts` packed contexts of `spec`, `batch` at a time (the last batch may be short)."""
-    from jaxsae.data.text import batch_contexts, iter_contexts, make_source
+    from jaxsae.data.packing import batch_contexts, iter_contexts
+    from jaxsae.data.text import make_source
 
     try:
         source = make_source(spec)
@@ -101,7 +102,8 @@ def open_run_store(info: RunInfo):
 
 def store_batches(store, tokenizer, info: RunInfo, n_contexts: int, batch: int) -> Iterator[Batch]:
     """Whole contexts of the store's rows with their re-derived tokens; dropped positions read as 0."""
-    from jaxsae.data.text import iter_contexts, make_source
+    from jaxsae.data.packing import iter_contexts
+    from jaxsae.data.text import make_source
 
     meta = store.meta
     t, drop = meta["context"], len(meta["positions"]["dropped"])

@@ -1,6 +1,10 @@
 """Collection: an LM's residuals over a text stream into the activation store (`store.py`), resumable.
 
-One process: shards are written in row order and committed to meta.json one by one (`tokens_written`).
+One process: shards are written in row order and committed to meta.json one by one (`tokens_written`,
+`contexts_consumed`, and `stream_position`: the `Position` of the text stream after the last context those
+rows touched, where a KL phase's window starts without re-reading the store's text). A killed collection
+restarts at the last whole batch before its committed rows, from the position recorded for it
+(`resume_at`), without re-reading the text before.
 Several processes: `collect_multi.py` (each process writes the shards it owns).
 """
 
@@ -180,6 +184,7 @@ class _Committer:
         self.inflight: deque[tuple[int, Any]] = deque()  # (end row, write future), oldest first
         self.n_scale = min(spec.norm_sample_tokens, spec.n_tokens)
         self.delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
+        self.after: dict[int, Any] = {}  # contexts read -> the stream's Position after them (since the last commit)
 
     def write(self, start: int, rows: np.ndarray) -> None:
         self.inflight.append((start + len(rows), self.arr[start:start + len(rows)].write(rows)))
@@ -189,7 +194,11 @@ class _Committer:
         while self.inflight and (block or self.inflight[0][1].done() or len(self.inflight) > _MAX_INFLIGHT_WRITES):
             end, fut = self.inflight.popleft()
             fut.result()
-            meta.update(tokens_written=end, contexts_consumed=-(-end // spec.rows_per_context))  # contexts touched
+            used = -(-end // spec.rows_per_context)  # contexts touched
+            restart = end // (spec.batch_contexts * spec.rows_per_context) * spec.batch_contexts
+            meta.update(tokens_written=end, contexts_consumed=used, stream_position=self.after[used].to_json(),
+                        resume_at={"contexts": restart, "position": self.after[restart].to_json()})
+            self.after = {c: p for c, p in self.after.items() if c >= restart}  # later commits restart after it
             if meta["scale"] is None and end >= self.n_scale:
                 meta["scale"] = _scale(self.arr, self.n_scale, 4 * spec.chunk_rows)
             _write_meta(self.kv, meta)
@@ -202,16 +211,30 @@ def _write_rows(lm, source, tokenizer, kv, meta: dict, arr, spec: CollectSpec, p
     written in all (fewer than n_tokens when the text ran out)."""
     from tqdm.auto import tqdm
 
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
+    from jaxsae.data.packing import START, Position, batch_contexts as _batch, iter_positioned
 
     done, r, n = meta["tokens_written"], spec.rows_per_context, spec.n_tokens
     rows_of = _residual_rows(lm, spec.layer, spec.drop, _np_dtype(spec.dtype), spec.batch_contexts, mesh)
     per_batch = spec.batch_contexts * r
     b0 = done // per_batch  # restart at a batch boundary: same batches -> bit-identical rows
-    contexts = iter_contexts(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos,
-                             skip_contexts=b0 * spec.batch_contexts)
-    batches = ((len(t), rows_of(t)) for t in _batch(contexts, spec.batch_contexts, drop_last=False))
     writer = _Committer(kv, meta, arr, spec)
+    first = b0 * spec.batch_contexts
+    # the last commit recorded where the text goes on after `first` contexts; a store from before that
+    # was recorded restarts by reading (and tokenizing) them again
+    resume = meta.get("resume_at") or {}
+    jump = first > 0 and resume.get("contexts") == first
+    start, i0 = (Position.from_json(resume["position"]), first) if jump else (START, 0)
+    writer.after[i0] = start
+    positioned = iter_positioned(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos, start=start)
+
+    def contexts() -> Iterator[np.ndarray]:
+        for i, (row, after) in enumerate(positioned, start=i0 + 1):
+            if i >= first:
+                writer.after[i] = after
+            if i > first:
+                yield row
+
+    batches = ((len(t), rows_of(t)) for t in _batch(contexts(), spec.batch_contexts, drop_last=False))
     skip, pos = done - b0 * per_batch, done  # pos: first row not yet handed to tensorstore
     buf: list[np.ndarray] = []
     n_buf = 0
@@ -254,6 +277,7 @@ def _complete(kv, meta: dict, arr, pos: int, spec: CollectSpec) -> None:
         meta["text_exhausted"] = True
     if meta["scale"] is None:
         meta["scale"] = _scale(arr, min(spec.norm_sample_tokens, spec.n_tokens, pos), 4 * spec.chunk_rows)
+    meta.pop("resume_at", None)  # only an unfinished store resumes
     meta.update(complete=True, manifest=store_manifest(kv, pos))
     _write_meta(kv, meta)
 

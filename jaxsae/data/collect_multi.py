@@ -2,13 +2,16 @@
 
 Shard s belongs to process s mod P. Every process walks the same packed text stream, runs the LM (its own
 copy, on its own devices) only on the contexts of its shards, writes them, and records its progress in
-`progress/process-<p>.json`; after a barrier, process 0 measures the scale and marks the store complete.
+`progress/process-<p>.json` (with the stream's `Position` after its last shard's contexts); after a
+barrier, process 0 measures the scale, records the position after the store's last context (from the
+process that wrote the last shard) and marks the store complete.
 The rows are the same as one process would write, every row written once, and a killed collection
 resumes per process (begun by P processes, a store resumes only with P).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -96,8 +99,9 @@ def collect_processes(lm, source, tokenizer, kv, want: dict, spec: CollectSpec, 
 
 
 def _shard_contexts(stream, recent: deque, c0: int, c1: int, first: int) -> list:
-    """The contexts c0..c1-1 of the packed stream (enumerated from `first`), pulling only what the
-    previous shards did not; `recent` keeps the last few, as a shard may start inside them."""
+    """The contexts c0..c1-1 of the packed stream (enumerated from `first`; each a (row, Position after
+    it) pair), pulling only what the previous shards did not; `recent` keeps the last few, as a shard
+    may start inside them."""
     ctxs = [c for i, c in recent if i >= c0]
     last = recent[-1][0] if recent else first - 1
     for i, c in stream if last < c1 - 1 else ():
@@ -118,13 +122,13 @@ def _write_own_shards(lm, source, tokenizer, kv, meta: dict, arr, spec: CollectS
     from tqdm.auto import tqdm
 
     import jax
-    from jaxsae.data.text import batch_contexts as _batch, iter_contexts
+    from jaxsae.data.packing import batch_contexts as _batch, iter_positioned
 
     me, r, d = jax.process_index(), spec.rows_per_context, meta["model"]["d_model"]
     key = f"progress/process-{me}.json"
     prog = _read_json(kv, key)
     if prog is None or prog.get("created") != meta["created"]:  # none yet, or left by an overwritten store
-        prog = {"created": meta["created"], "shards_done": 0, "text_rows": None}
+        prog = {"created": meta["created"], "shards_done": 0, "text_rows": None, "stream_position": None}
     todo = mine[prog["shards_done"]:]
     local_lm, local_mesh = _local_mesh(lm, spec.batch_contexts)
     rows_of = _residual_rows(local_lm, spec.layer, spec.drop, _np_dtype(spec.dtype), spec.batch_contexts, local_mesh)
@@ -133,20 +137,22 @@ def _write_own_shards(lm, source, tokenizer, kv, meta: dict, arr, spec: CollectS
                desc=f"collect {hook_name(spec.layer)} ({jax.process_count()} processes)", dynamic_ncols=True)
     if todo and prog["text_rows"] is None:
         first = todo[0] * spec.shard_rows // r
-        stream = enumerate(iter_contexts(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos,
-                                         skip_contexts=first), start=first)
+        positioned = iter_positioned(source, tokenizer, spec.context, bos_id=spec.bos, eos_id=spec.eos)
+        stream = enumerate(itertools.islice(positioned, first, None), start=first)
         recent: deque = deque()
         for s in todo:
             start, end = s * spec.shard_rows, min((s + 1) * spec.shard_rows, spec.n_tokens)
             c0 = start // r
             ctxs = _shard_contexts(stream, recent, c0, -(-end // r), first)
-            rows = [np.asarray(rows_of(t))[:len(t) * r] for t in _batch(iter(ctxs), spec.batch_contexts,
+            rows = [np.asarray(rows_of(t))[:len(t) * r] for t in _batch((c for c, _ in ctxs), spec.batch_contexts,
                                                                         drop_last=False)]
             rows = np.concatenate(rows) if rows else np.zeros((0, d), _np_dtype(spec.dtype))
             part = rows[start - c0 * r:][:end - start]
             if len(part):
                 arr[start:start + len(part)].write(part).result()
             prog["shards_done"] += 1
+            if recent:  # after the shard's last context, or the text's last when it ran out
+                prog["stream_position"] = (ctxs[-1] if ctxs else recent[-1][1])[1].to_json()
             if len(part) < end - start:  # the text ran out inside (or before) this shard
                 prog.update(shards_done=len(mine), text_rows=(c0 + len(ctxs)) * r)
             kv.write(key, json.dumps(prog).encode()).result()
@@ -173,6 +179,10 @@ def _finish_processes(kv, meta, arr, n_proc: int, n_shards: int, r: int) -> None
         warnings.warn(f"text source ran out after {pos} of {n} tokens; the store at {kv.url} is truncated "
                       "to them", stacklevel=3)
         arr = arr.resize(exclusive_max=[pos, d], shrink_only=True).result()
+    # the process that wrote the store's last context knows where the stream goes on after it
+    last = progs[(n_shards - 1) % n_proc] if pos == n else next(p for p in progs if p.get("text_rows") == pos)
+    if last.get("stream_position") is not None:
+        meta["stream_position"] = last["stream_position"]
     meta.update(tokens_written=pos, contexts_consumed=-(-pos // r), text_exhausted=pos < n, complete=True,
                 scale=_scale(arr, min(meta["norm_sample_tokens"], pos), 4 * meta["chunk_rows"]),
                 manifest=store_manifest(kv, pos))  # after the barrier: every process's shards are written

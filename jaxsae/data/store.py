@@ -20,8 +20,10 @@ fully packed, so there is no padding. ``scale`` is one scalar with E||x / scale|
 means what it means there); readers multiply by 1/scale, exporters fold it back in. A store written
 before this convention (E||x / scale||^2 = d_model, no ``norm`` in its meta) is read with its scale
 converted.
-``contexts_consumed`` counts the contexts with rows in the store (the last possibly in part), so a
-later phase that skips that many contexts of the same text stream never reuses this text.
+``contexts_consumed`` counts the contexts with rows in the store (the last possibly in part), and
+``stream_position`` is the text stream's `Position` after the last of them (`jaxsae.data.packing`), so
+a later phase that starts there never reuses this text and reads none of it (stores written before
+positions were recorded lack it: a phase then skips ``contexts_consumed`` contexts, re-reading them).
 
 Missing data is never read as zeros. Every open sets ``fill_missing_data_reads: false`` (a chunk
 that is absent from its shard file, or a shard file that is gone, is a read error, not the zarr

@@ -3,22 +3,21 @@
 The default corpus is the Python standard library's own source, read at run
 time from the running interpreter (no third-party text ships with the repo).
 Every source yields documents (``str``) in a fixed order, so a token stream
-built on top of it is reproducible and can be resumed by skipping contexts.
+built on top of it (``packing.py``) is reproducible, and ``docs_from(i)`` starts
+at document ``i`` without reading the ones before: iteration resumes at a
+recorded position of the stream.
 """
 from __future__ import annotations
 
 import hashlib
 import inspect
-import itertools
 import json
 import os
 import pathlib
 import platform
 import sysconfig
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
-
-import numpy as np
+from typing import Any, Iterable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 Split = Literal["train", "val", "all"]
 SPLITS = ("train", "val", "all")
@@ -26,7 +25,6 @@ VAL_PER_MILLE = 30  # ~3% of files go to 'val'
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 _TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 TEXT_SUFFIXES = frozenset({".txt", ".py", ".md", ".rst"})
-Auto = Literal["auto"]
 
 
 # --------------------------------------------------------------------------- stdlib corpus
@@ -99,6 +97,8 @@ class TextSource(Protocol):
 
     def __iter__(self) -> Iterator[str]: ...
 
+    def docs_from(self, doc: int) -> Iterator[str]: ...
+
     def describe(self) -> dict[str, Any]: ...
 
 
@@ -133,7 +133,11 @@ class StdlibSource:
         return sorted(files, key=key)
 
     def __iter__(self) -> Iterator[str]:
-        return (read_text(p) for p in self.files())
+        return self.docs_from(0)
+
+    def docs_from(self, doc: int) -> Iterator[str]:
+        """The documents from index `doc` on (one per file: the earlier files are not opened)."""
+        return (read_text(p) for p in self.files()[doc:])
 
     def describe(self) -> dict[str, Any]:
         files, root = self.files(), stdlib_root()
@@ -184,10 +188,14 @@ class FilesSource:
             out.extend(matches)
         return out
 
-    def _iter_jsonl(self, path: pathlib.Path) -> Iterator[str]:
+    def _iter_jsonl(self, path: pathlib.Path, skip: int = 0) -> Iterator[str]:
+        """The rows of `path` after its first `skip` non-blank lines (those are not parsed)."""
         with open(path, encoding="utf-8", errors="replace") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
+                    continue
+                if skip:
+                    skip -= 1
                     continue
                 row = json.loads(line)
                 if not isinstance(row, dict) or self.text_field not in row:
@@ -196,11 +204,27 @@ class FilesSource:
                 yield str(row[self.text_field])
 
     def __iter__(self) -> Iterator[str]:
+        return self.docs_from(0)
+
+    def docs_from(self, doc: int) -> Iterator[str]:
+        """The documents from index `doc` on. Earlier text files are not opened; an earlier ``.jsonl``
+        file is only scanned for its number of rows (not parsed), since its rows are documents."""
         for path in self.files():
-            if path.suffix == ".jsonl":
-                yield from self._iter_jsonl(path)
-            else:
+            if path.suffix != ".jsonl":
+                if doc > 0:
+                    doc -= 1
+                    continue
                 yield read_text(path)
+                continue
+            if doc > 0:  # counted as _iter_jsonl reads (same newlines, same blank lines), not parsed
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    rows = sum(1 for line in f if line.strip())
+                if doc >= rows:
+                    doc -= rows
+                    continue
+            rows_left = self._iter_jsonl(path, skip=doc)
+            doc = 0
+            yield from rows_left
 
     def describe(self) -> dict[str, Any]:
         files = self.files()
@@ -242,7 +266,13 @@ class HFDatasetSource:
             raise RuntimeError(self._hub_error(e)) from e
 
     def __iter__(self) -> Iterator[str]:
-        rows = iter(self._open())
+        return self.docs_from(0)
+
+    def docs_from(self, doc: int) -> Iterator[str]:
+        """The rows from index `doc` on, through ``IterableDataset.skip``: the rows before are still
+        streamed past (a stream has no index to seek in) but not decoded into documents nor tokenized."""
+        rows = self._open()
+        rows = iter(rows.skip(doc) if doc else rows)
         while True:
             try:  # streaming fetches shards lazily, so errors can surface mid-iteration
                 row = next(rows)
@@ -297,98 +327,3 @@ def check_source(spec: Mapping[str, Any]) -> None:
     elif isinstance(src, HFDatasetSource) and importlib.util.find_spec("datasets") is None:
         raise ImportError("kind 'hf' needs the optional 'datasets' package (pip install 'jaxsae[hub]'); offline, "
                           "use {kind: stdlib} or {kind: files, paths: [...]}")
-
-
-# --------------------------------------------------------------------------- packing
-
-def pack_tokens(docs_token_ids: Iterable[Sequence[int]], context: int,
-                bos_id: int | None = None, eos_id: int | None = None) -> Iterator[np.ndarray]:
-    """Pack tokenized documents into fixed-length contexts.
-
-    The stream is ``doc0 + [eos] + doc1 + [eos] + doc2 ...`` (EOS only *between*
-    documents; empty documents are dropped so no EOS pairs appear). It is cut
-    into consecutive chunks of ``context`` tokens, or of ``context - 1`` tokens
-    with BOS prepended when ``bos_id`` is given. A trailing partial chunk is dropped.
-
-    Yields fresh ``int32[context]`` arrays.
-    """
-    body = context - (bos_id is not None)
-    if body < 1:
-        raise ValueError(f"context={context} leaves no room for tokens (bos_id={bos_id})")
-    prefix = np.asarray([bos_id] if bos_id is not None else [], dtype=np.int32)
-    sep = np.asarray([eos_id] if eos_id is not None else [], dtype=np.int32)
-    pending: list[np.ndarray] = []
-    n_pending, first = 0, True
-    for ids in docs_token_ids:
-        ids = np.asarray(ids, dtype=np.int32).reshape(-1)
-        if ids.size == 0:
-            continue
-        if not first:
-            pending.append(sep)
-            n_pending += sep.size
-        first = False
-        pending.append(ids)
-        n_pending += ids.size
-        if n_pending < body:
-            continue
-        # Concatenate only when at least one context is ready: O(total) amortized.
-        flat = np.concatenate(pending)
-        n_full = flat.size // body
-        for k in range(n_full):
-            yield np.concatenate([prefix, flat[k * body:(k + 1) * body]])
-        rest = flat[n_full * body:]
-        pending, n_pending = ([rest] if rest.size else []), rest.size
-
-
-def _batch_encoder(tokenizer: Any) -> Callable[[list[str]], list[list[int]]]:
-    """``docs -> token ids`` without special tokens, via the Rust backend when there is one.
-
-    The backend path skips transformers' per-call overhead and its "sequence
-    longer than model_max_length" warnings, which whole source files trigger.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
-    if hasattr(backend, "encode_batch"):
-        if backend.truncation is not None or backend.padding is not None:
-            backend = type(backend).from_str(backend.to_str())  # private copy; never truncate
-            backend.no_truncation()
-            backend.no_padding()
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return lambda docs: [e.ids for e in encode(docs, add_special_tokens=False)]
-    return lambda docs: tokenizer(docs, add_special_tokens=False)["input_ids"]
-
-
-def _special(value: int | None | Auto, tokenizer: Any, attr: str) -> int | None:
-    return getattr(tokenizer, attr, None) if value == "auto" else value
-
-
-def iter_contexts(source: Iterable[str], tokenizer: Any, context: int, *,
-                  bos_id: int | None | Auto = "auto", eos_id: int | None | Auto = "auto",
-                  skip_contexts: int = 0, doc_batch_size: int = 64) -> Iterator[np.ndarray]:
-    """Tokenize ``source`` in batches of documents and yield packed ``int32[context]`` rows.
-
-    ``bos_id``/``eos_id`` default to the tokenizer's; pass ``None`` to disable.
-    ``skip_contexts`` drops the first N contexts, so a later phase can continue
-    exactly where an earlier phase (that consumed N contexts) stopped.
-    """
-    if skip_contexts < 0:
-        raise ValueError(f"skip_contexts must be >= 0, got {skip_contexts}")
-    encode = _batch_encoder(tokenizer)
-    docs = iter(source)
-
-    def token_docs() -> Iterator[list[int]]:
-        while batch := list(itertools.islice(docs, doc_batch_size)):
-            yield from encode(batch)
-
-    packed = pack_tokens(token_docs(), context, _special(bos_id, tokenizer, "bos_token_id"),
-                         _special(eos_id, tokenizer, "eos_token_id"))
-    yield from itertools.islice(packed, skip_contexts, None)
-
-
-def batch_contexts(contexts: Iterable[np.ndarray], batch_size: int,
-                   drop_last: bool = True) -> Iterator[np.ndarray]:
-    """Stack ``int32[context]`` rows into ``int32[batch, context]`` (last partial batch dropped by default)."""
-    it = iter(contexts)
-    while rows := list(itertools.islice(it, batch_size)):
-        if len(rows) < batch_size and drop_last:
-            return
-        yield np.stack(rows)

@@ -26,7 +26,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxsae.data.text import StdlibSource, iter_contexts
+from jaxsae.data.packing import iter_contexts
+from jaxsae.data.text import StdlibSource
 from jaxsae.tools.tokenizer import train_bpe_tokenizer
 from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params

@@ -3,8 +3,10 @@ its MSE-only control, an adapter around a frozen SAE, and the e2e baseline from 
 
 They differ only in data: where their SAE starts (`Phase.starts`), their section's optimiser, schedule
 and KL share (the control's is fixed at 0), and, for the adapter, what is trained. The fine-tune and the
-control read the window after the store's contexts; the adapter the same window; e2e its budget from the
-start of the text. A sweep (`jaxsae.sweep`) runs every phase on its stacked SAEs with one step.
+control read the window from where the store's contexts end (the position the store recorded); the adapter
+the same window; e2e its budget from the start of the text. Windows are streamed a block at a time
+(`jaxsae.data.windows`); the block starts found so far go into every checkpoint, so a resume jumps to its
+block without reading the text before it. A sweep (`jaxsae.sweep`) runs every phase on its stacked SAEs with one step.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def probe_activations(ctx, tokens: np.ndarray, per: int) -> np.ndarray:
 def run_phase(ctx, phase, start):
     """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
     decoder^T, b_dec = 0), resuming from its last checkpoint."""
-    from jaxsae.data.windows import take_contexts, window_sequences
+    from jaxsae.data.packing import START
+    from jaxsae.data.windows import open_window, read_probe, store_end
     from jaxsae.sae import init_sae
     from jaxsae.sharding import batch_from_global, probe_sharding
     from jaxsae.sweep import hparams
@@ -148,18 +151,20 @@ def run_phase(ctx, phase, start):
     parts = kl_parts(cfg, phase, sae_cfg, ctx.mesh, ctx.splice, ctx.plan.lm_shardings(), fresh_one, compose,
                      continues=start is not None, members=members)
     per = sec.batch_sequences
-    skip = 0 if start is None else ctx.store.meta["contexts_consumed"]
+    ckpt = ctx.plan.checkpointer(phase.name)
+    recorded = ckpt.restore_meta().get("window_starts") if ckpt.latest_step() else None
+    begin = START if start is None else store_end(cfg, ctx.lm.tokenizer, ctx.store.meta)
     probe = probe_toks = None
     if uses_probe(cfg, phase, loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, start is not None,
                                       parts.total)):
-        # the probe is the text just after the store's; the window starts after it, so no step trains on it
-        n = sec.l0_probe_sequences
-        probe_toks = take_contexts(cfg, cfg.data.source, ctx.lm.tokenizer, n, skip,
-                                   f"data.source after the {skip} contexts the store used",
-                                   f"{phase.section}.l0_probe_sequences")
+        # the probe is whole documents after the store's text, and the window starts at the document after
+        # them: the fine-tune lowers L0 on the documents it trains on, so a probe that shared one would
+        # read low as the window's own batches do
+        probe_toks, begin = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, begin,
+                                       f"{phase.section}.l0_probe_sequences")
         probe = jax.device_put(probe_activations(ctx, probe_toks, per), probe_sharding(ctx.mesh))
-        skip += n
-    seqs = window_sequences(cfg, ctx.lm.tokenizer, parts.total * per, skip, sec.seed, f"{phase.section}.tokens")
+    window = open_window(cfg, ctx.lm.tokenizer, parts.total * per, begin, sec.seed, f"{phase.section}.tokens",
+                         recorded)
 
     def first_state():
         # only for a phase that does not resume (a checkpoint carries its l0_target): the L0 the controller
@@ -167,12 +172,14 @@ def run_phase(ctx, phase, start):
         # TARGET_BATCHES batches: one batch's L0 is off by ~7% (demo), which the controller would then hold
         ks = None if hp is None else hp["k"]
         n = min(parts.total, TARGET_BATCHES)
-        held = seqs[:n * per] if probe_toks is None else probe_toks  # with a probe: all of it, as the step reads it
+        held = window.rows(0, n * per) if probe_toks is None else probe_toks  # a probe: all of it, as the step reads it
         target = l0 if start is None else window_l0(ctx, params, held, ks, per)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
-        batch = batch_from_global(seqs[(step - 1) * per:step * per], parts.batch_sh)
+        rows = window.rows((step - 1) * per, step * per)
+        meta["window_starts"] = window.starts_json()  # what the next checkpoint records
+        batch = batch_from_global(rows, parts.batch_sh)
         return (ctx.lm.params, batch) if probe is None else (ctx.lm.params, batch, probe)
 
     meta = {"phase": phase.name, "sae": dataclasses.asdict(sae_cfg), "scale": ctx.store.scale,
@@ -188,7 +195,7 @@ def run_phase(ctx, phase, start):
                         out_shardings=parts.state_sh)
     else:
         first = jax.jit(lambda p, d, lp, t: fresh(parts.tx, p, d, lp, t), out_shardings=parts.state_sh)
-    state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, first_state, feed, meta,
+    state = run_steps(ckpt, ctx.log, phase.name, parts, first_state, feed, meta,
                       cfg.checkpoint.every_steps, per * cfg.data.context, names=ctx.member_names)
     if compose is not None:
         return Trained(state, state["frozen"], state["params"])
