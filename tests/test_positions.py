@@ -194,3 +194,21 @@ def test_hf_source_resumes_from_a_document_on_a_local_stream(tmp_path, monkeypat
     assert len(docs) == 25
     for k in (1, 7, 24, 25):
         assert list(src.docs_from(k)) == docs[k:], k
+
+
+def test_the_l1_probe_is_whole_documents_the_window_never_reads(tok, counting, val_docs):
+    from jaxsae.data.windows import read_probe
+
+    cfg = _cfg()
+    start = store_end(cfg, tok, {"contexts_consumed": 9})
+    assert start.token > 0  # the store ended inside a document: the probe starts at the next one
+    probe, after = read_probe(cfg, tok, 12, start, "finetune.l0_probe_sequences")
+    assert after.token == 0 and after.doc > start.doc + 1
+    want = list(itertools.islice(iter_contexts(CountingSource(val_docs), tok, CTX, bos_id=None,
+                                               start=Position(start.doc + 1, 0)), 12))
+    assert np.array_equal(probe, np.stack(want))
+    counting.clear()
+    open_window(cfg, tok, 20, after, 0, "finetune.tokens").rows(0, 20)
+    assert counting[0].first == after.doc  # the window reads none of the probe's documents
+    with pytest.raises(C.ConfigError, match="finetune.l0_probe_sequences needs 100000"):
+        read_probe(cfg, tok, 100_000, start, "finetune.l0_probe_sequences")
