@@ -164,15 +164,18 @@ def _abstract_first(cfg, phase, sae_cfg, mcfg):
     from jaxsae.models.lm import abstract_params, param_axes
     from jaxsae.sae import init_sae
     from jaxsae.train.finetune import init_ft_state
+    from jaxsae.train.kl_phase import probe_batches
     from jaxsae.train.pipeline import adapter_of_cfg
 
     dead = np.zeros(sae_cfg.d_sae, np.int32)
     compose = adapter_of_cfg(cfg, mcfg.d_model, mcfg.n_layers) if phase.holds == "adapter" else None
 
+    n_probe = probe_batches(cfg, phase, sae_cfg, compose is None, bool(phase.starts))
+
     def fresh(tx):
         sae = init_sae(sae_cfg, jax.random.PRNGKey(0))
         if compose is None:
-            return init_ft_state(sae, tx, sae_cfg, dead, sae_cfg.l1_coeff, 0.0, 0)
+            return init_ft_state(sae, tx, sae_cfg, dead, sae_cfg.l1_coeff, 0.0, 0, probe_batches=n_probe)
         trainable, _ = compose.init(jax.random.PRNGKey(0), sae, abstract_params(mcfg), param_axes(mcfg))
         return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, 0.0, 0, frozen=sae)
 

@@ -54,6 +54,14 @@ def uses_probe(cfg: C.RunConfig, phase, loss: KLLoss) -> bool:
     return loss.l1_controller and C.section(cfg, phase.name).l0_probe_sequences > 0
 
 
+def probe_batches(cfg: C.RunConfig, phase, sae_cfg, trains_sae: bool, continues: bool) -> int:
+    """The number of batches of the L1 controller's probe in this phase (0: it reads each training batch)."""
+    sec = C.section(cfg, phase.name)
+    total = C.phase_tokens(cfg, phase.name) // C.phase_batch_tokens(cfg, phase.name)
+    on = uses_probe(cfg, phase, loss_of(cfg, phase, sae_cfg, trains_sae, continues, total))
+    return sec.l0_probe_sequences // sec.batch_sequences if on else 0
+
+
 def kl_parts(cfg: C.RunConfig, phase, sae_cfg, mesh, splice, lm_sh, fresh, compose=None,
              continues: bool = True, members=()) -> StepParts:
     """The fused step of `phase` (a `jaxsae.phases.Phase`). fresh(tx) -> the phase's first state (one
@@ -136,12 +144,15 @@ def run_phase(ctx, phase, start):
         params, dead, l0 = start.params, start.dead, start.l0
     hp = hparams(cfg, members, phase.section) if members else None
 
+    n_probe = probe_batches(cfg, phase, sae_cfg, compose is None or compose.sae_trains, start is not None)
+
     def fresh(tx, sae_params=params, dead=dead, lm_params=ctx.lm.params, l0_target=l0):
         if compose is not None:
             trainable, _ = compose.init(key, sae_params, lm_params, ctx.lm.param_axes())
             return init_ft_state(trainable, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed,
                                  frozen=sae_params)
-        return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed)
+        return init_ft_state(sae_params, tx, sae_cfg, dead, sae_cfg.l1_coeff, l0_target, sec.seed,
+                             probe_batches=n_probe)
 
     def fresh_one(tx):
         if not members:
@@ -155,8 +166,7 @@ def run_phase(ctx, phase, start):
     recorded = ckpt.restore_meta().get("window_starts") if ckpt.latest_step() else None
     begin = START if start is None else store_end(cfg, ctx.lm.tokenizer, ctx.store.meta)
     probe = probe_toks = None
-    if uses_probe(cfg, phase, loss_of(cfg, phase, sae_cfg, compose is None or compose.sae_trains, start is not None,
-                                      parts.total)):
+    if n_probe:
         # the probe is whole documents after the store's text, and the window starts at the document after
         # them: the fine-tune lowers L0 on the documents it trains on, so a probe that shared one would
         # read low as the window's own batches do
