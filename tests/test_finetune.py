@@ -185,18 +185,17 @@ def test_l1_controller_reads_the_probe_not_the_batch(lm):
     probe = jnp.asarray(np.stack([np.zeros((36, 32)), 5.0 * rng.standard_normal((36, 32))]), jnp.float32)
     loud = float(probe_l0(sae_cfg, params, probe, jnp.int32(1)))
     assert float(probe_l0(sae_cfg, params, probe, jnp.int32(0))) == 0.0 and loud > 5.0
-    target = loud / 2
-    state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(64, np.int32), 0.3, target, 0,
+    targets = np.float32([0.5, 2 * loud])  # each probe batch is held at its own starting L0
+    state = init_ft_state(jax.tree.map(jnp.copy, params), tx, sae_cfg, np.zeros(64, np.int32), 0.3, targets, 0,
                           probe_batches=2)
-    rate, lam, sides, ring = KLLoss().l1_rate, 0.3, set(), [target, target]
+    rate, lam, sides = KLLoss().l1_rate, 0.3, set()
     for s in range(4):  # the probe's batches in turn
         before = jax.tree.map(jnp.copy, state["params"])
         state, m = step(state, lm.params, _tokens(4), probe)
-        ring[s % 2] = float(probe_l0(sae_cfg, before, probe, jnp.int32(s)))
-        want = np.mean(ring)  # the latest reading of every probe batch, averaged
-        assert float(m["train/l0_probe"]) == pytest.approx(want, rel=1e-5)
-        assert np.asarray(state["l0_ring"]) == pytest.approx(ring, rel=1e-5)
-        lam *= (1 + rate) if want > target else (1 - rate)  # λ follows the probe's L0 ...
+        want, target = float(probe_l0(sae_cfg, before, probe, jnp.int32(s))), float(targets[s % 2])
+        assert float(m["train/l0_probe"]) == pytest.approx(want, rel=1e-6)
+        assert float(m["train/l0_target"]) == pytest.approx(target)
+        lam *= (1 + rate) if want > target else (1 - rate)  # λ follows the probe batch against its own L0 ...
         assert float(state["l1"]) == pytest.approx(lam, rel=1e-5)
         sides.add((want > target, float(m["train/l0"]) > target))
     assert any(p != b for p, b in sides)  # ... where the batch's own L0 would have moved it the other way

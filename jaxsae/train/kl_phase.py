@@ -122,6 +122,14 @@ def probe_activations(ctx, tokens: np.ndarray, per: int) -> np.ndarray:
     return np.stack(rows)
 
 
+def probe_targets(sae_cfg, params, probe) -> np.ndarray:
+    """f32[n]: the L0 of `params` on each of the probe's n batches (`finetune.probe_l0`)."""
+    from jaxsae.train.finetune import probe_l0
+
+    one = jax.jit(lambda p, x, i: probe_l0(sae_cfg, p, x, i))
+    return np.asarray([one(params, probe, np.int32(i)) for i in range(probe.shape[0])], np.float32)
+
+
 def run_phase(ctx, phase, start):
     """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
     decoder^T, b_dec = 0), resuming from its last checkpoint."""
@@ -165,14 +173,14 @@ def run_phase(ctx, phase, start):
     ckpt = ctx.plan.checkpointer(phase.name)
     recorded = ckpt.restore_meta().get("window_starts") if ckpt.latest_step() else None
     begin = START if start is None else store_end(cfg, ctx.lm.tokenizer, ctx.store.meta)
-    probe = probe_toks = None
+    probe = None
     if n_probe:
         # the probe is whole documents after the store's text, and the window starts at the document after
         # them: the fine-tune lowers L0 on the documents it trains on, so a probe that shared one would
         # read low as the window's own batches do
-        probe_toks, begin = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, begin,
+        toks, begin = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, begin,
                                        f"{phase.section}.l0_probe_sequences")
-        probe = jax.device_put(probe_activations(ctx, probe_toks, per), probe_sharding(ctx.mesh))
+        probe = jax.device_put(probe_activations(ctx, toks, per), probe_sharding(ctx.mesh))
     window = open_window(cfg, ctx.lm.tokenizer, parts.total * per, begin, sec.seed, f"{phase.section}.tokens",
                          recorded)
 
@@ -182,8 +190,12 @@ def run_phase(ctx, phase, start):
         # TARGET_BATCHES batches: one batch's L0 is off by ~7% (demo), which the controller would then hold
         ks = None if hp is None else hp["k"]
         n = min(parts.total, TARGET_BATCHES)
-        held = window.rows(0, n * per) if probe_toks is None else probe_toks  # a probe: all of it, as the step reads it
-        target = l0 if start is None else window_l0(ctx, params, held, ks, per)
+        if start is None:
+            target = l0
+        elif probe is None:
+            target = window_l0(ctx, params, window.rows(0, n * per), ks, per)
+        else:  # each probe batch's own L0, as the step reads it
+            target = probe_targets(sae_cfg, params, probe)
         return first(params, dead, ctx.lm.params, target)
 
     def feed(step: int):
