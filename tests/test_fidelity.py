@@ -152,3 +152,23 @@ def test_l0_probe_settings():
                        (["finetune.l0_probe_sequences=8", "finetune.l1_controller=false"], "set it to 0")):
         with pytest.raises(C.ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
             check_static(C.load_config(None, base + extra))
+
+
+def test_relu_run_holds_each_probe_batch_at_its_own_l0(tiny_model, tmp_path):
+    """A ReLU run whose fine-tune reads the L1 probe: every step logs its probe batch's L0 against that
+    batch's own starting L0 (cycling through the probe), and the window starts after the probe."""
+    from conftest import run_cmd, tiny_args
+
+    run_dir = tmp_path / "relu"
+    r = run_cmd(tiny_args(tiny_model, run_dir, "--set", "phases=[mse, finetune]", "--set", "sae.kind=relu",
+                          "--set", "sae.l1_coeff=0.05", "--set", "sae.l1_warmup_steps=5", "--set", "mse.tokens=5120",
+                          "--set", "checkpoint.every_steps=1000", "--set", "finetune.l0_probe_sequences=12"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ft = [m for m in rows if m.get("phase") == "finetune" and "train/l0_probe" in m]
+    assert ft, "the fine-tune logged no probe L0"
+    targets = {round(m["train/l0_target"], 5) for m in ft}
+    assert len(targets) > 1  # three probe batches, each with its own target
+    assert all(m["train/l0_probe"] > 0 for m in ft)
+    meta = json.loads((run_dir / "store" / "meta.json").read_text())
+    assert "stream_position" in meta
