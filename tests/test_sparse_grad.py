@@ -127,18 +127,19 @@ def test_mse_steps_agree_dense_and_sparse():
                                    err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("decode, fixed_k, platform, split, want", [
-    ("auto", True, "cpu", False, "sparse"),
-    ("auto", True, "gpu", False, "sparse"),
-    ("auto", True, "tpu", False, "dense"),    # the MXU runs the dense matmuls at full rate
-    ("auto", True, "cpu", True, "dense"),     # d_sae split over model: gathers would all-gather it
-    ("auto", False, "cpu", False, "dense"),   # no fixed k: no per-token rows to gather
-    ("dense", True, "cpu", False, "dense"),
-    ("sparse", True, "tpu", True, "sparse"),  # an explicit choice stands
-    ("sparse", False, "cpu", False, "dense"),  # e.g. LoRA on the SAE: no rows from this forward
+@pytest.mark.parametrize("decode, fixed_k, platform, split, training, want", [
+    ("auto", True, "cpu", False, True, "sparse"),
+    ("auto", True, "gpu", False, True, "sparse"),
+    ("auto", True, "tpu", False, True, "dense"),    # the MXU runs the dense matmuls at full rate
+    ("auto", True, "cpu", True, True, "dense"),     # d_sae split over model: gathers would all-gather it
+    ("auto", False, "cpu", False, True, "dense"),   # no fixed k: no per-token rows to gather
+    ("auto", True, "cpu", False, False, "dense"),   # evaluation keeps the dense decoder
+    ("dense", True, "cpu", False, True, "dense"),
+    ("sparse", True, "tpu", True, False, "sparse"),  # an explicit choice stands
+    ("sparse", False, "cpu", False, True, "dense"),  # e.g. LoRA on the SAE: no rows from this forward
 ])
-def test_resolve_decode(decode, fixed_k, platform, split, want):
-    assert resolve_decode(decode, fixed_k, platform, split) == want
+def test_resolve_decode(decode, fixed_k, platform, split, training, want):
+    assert resolve_decode(decode, fixed_k, platform, split, training) == want
 
 
 @pytest.mark.parametrize("kind, model_axis, want", [
@@ -149,6 +150,7 @@ def test_auto_resolves_from_kind_and_mesh(kind, model_axis, want):
     """On this CPU backend: sparse for topk unless the step's mesh splits d_sae over model > 1."""
     assert SAEConfig().decode == "auto"
     cfg = _cfg("auto", kind=kind)
+    assert decode_mode(cfg, N, training=False) == "dense"
     if model_axis is None:
         assert decode_mode(cfg, N) == want
         return

@@ -38,7 +38,8 @@ class SAEOutput(NamedTuple):
 
     Attributes:
       f: f32[..., d_sae] latent activations (same leading dims as x).
-      pre: f32[..., d_sae] pre-activations (x - b_dec) @ W_enc + b_enc.
+      pre: f32[..., d_sae] pre-activations (x - b_dec) @ W_enc + b_enc (values only, without a
+        gradient, on the sparse path: there the encoder's gradient flows through the k selected entries).
       l0: f32[] mean number of active latents per token (metric, no grad).
       fired: bool[d_sae] latents active on at least one token of the batch;
         feed to `update_dead_counter`.
@@ -145,15 +146,15 @@ def auxk_loss(
     return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), None)
 
 
-def decode_mode(cfg: SAEConfig, n_tokens: int) -> str:
-    """'dense' | 'sparse': the decode a training step over n_tokens uses, cfg.decode with auto resolved by
-    `resolve_decode` from the kind, the backend and whether the mesh of the step being traced (if any)
-    splits d_sae."""
+def decode_mode(cfg: SAEConfig, n_tokens: int, training: bool = True) -> str:
+    """'dense' | 'sparse': the decode a forward over n_tokens uses, cfg.decode with auto resolved by
+    `resolve_decode` from the kind, the backend, whether the mesh of the step being traced (if any)
+    splits d_sae, and `training`."""
     from jaxsae.sae.kinds import kind_of  # local: the kinds import this module
 
     spec = context_spec(("batch", "d_sae"), (n_tokens, cfg.d_sae))
     return resolve_decode(cfg.decode, kind_of(cfg).fixed_k, jax.default_backend(),
-                          spec is not None and spec[1] is not None)
+                          spec is not None and spec[1] is not None, training)
 
 
 def lora_delta(lora: dict, name: str, inp: jax.Array) -> jax.Array:
@@ -307,7 +308,7 @@ class SAEBase(nn.Module):
         x2 = self._flat(x).astype(jnp.float32)
         pre = self.pre_acts(x2, lora)
         enc = None
-        if lora is None and decode_mode(self.cfg, x2.shape[0]) == "sparse":
+        if lora is None and decode_mode(self.cfg, x2.shape[0], train) == "sparse":
             # Only each token's k selected pre-activations reach the loss: select on the values, then
             # let `gathered_pre` give the encoder a gradient at those k latents only (the kinds' k path
             # reads it through `enc`); AuxK re-attaches a dense gradient in its own branch.

@@ -69,7 +69,8 @@ class SAEConfig:
         sum_j a_j W_dec[idx_j], and give the encoder a gradient that touches only each token's k
         latents (`jaxsae.sae.sparse_grad`); k/d_sae of the decoder's and the backward's FLOPs, faster
         on CPU/GPU, but f32[tokens, k, d_model] intermediates and gathers along d_sae, which a mesh
-        with model > 1 has to all-gather. auto (the default): `resolve_decode` picks one per step.
+        with model > 1 has to all-gather. auto (the default): `resolve_decode` picks one per forward
+        (sparse for topk when training off TPU with d_sae whole on each device; else dense).
     """
 
     kind: str = "topk"
@@ -186,18 +187,21 @@ class SAEConfig:
         return self
 
 
-def resolve_decode(decode: str, fixed_k: bool, platform: str, d_sae_split: bool) -> Literal["dense", "sparse"]:
-    """The decode a training step uses: `decode` itself unless it is auto.
+def resolve_decode(decode: str, fixed_k: bool, platform: str, d_sae_split: bool,
+                   training: bool = True) -> Literal["dense", "sparse"]:
+    """The decode a forward uses: `decode` itself unless it is auto.
 
     decode: the `sae.decode` setting; fixed_k: this forward has each token's k active latents (a fixed-k
     kind, no LoRA on the SAE); platform: the backend the step compiles for (`jax.default_backend()`);
-    d_sae_split: the step's mesh splits d_sae over a model axis of size > 1.
+    d_sae_split: the step's mesh splits d_sae over a model axis of size > 1; training: a training
+    forward (one that will be differentiated), not evaluation or inference.
 
-    auto is sparse only where it wins: with a fixed k (otherwise there are no per-token rows to gather),
-    off TPU (the MXU runs the dense matmuls at full rate, while gathers and scatter-adds along d_sae are
-    slow there), and with d_sae whole on each device (split, every gather would all-gather W_enc / W_dec
-    along it, where the dense matmuls stay local).
+    auto is sparse only where it wins: in training (most of the saving is in the backward; evaluation
+    keeps the dense decoder and so reports the numbers it always did), with a fixed k (otherwise there
+    are no per-token rows to gather), off TPU (the MXU runs the dense matmuls at full rate, while
+    gathers and scatter-adds along d_sae are slow there), and with d_sae whole on each device (split,
+    every gather would all-gather W_enc / W_dec along it, where the dense matmuls stay local).
     """
     if decode != "auto":
         return "sparse" if decode == "sparse" and fixed_k else "dense"
-    return "sparse" if fixed_k and platform != "tpu" and not d_sae_split else "dense"
+    return "sparse" if training and fixed_k and platform != "tpu" and not d_sae_split else "dense"
