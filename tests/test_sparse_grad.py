@@ -41,11 +41,12 @@ def _loss_and_grads(decode, dead, k=None):
     model = make_sae(cfg)
     x = _x()
 
-    def loss(p):
+    def loss(p, x):
         x_hat, out = model.apply({"params": p}, x, dead=dead, k=k)
         return reconstruction_loss(x, x_hat) + out.aux_loss, out.penalties["auxk"]
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(_params(cfg))
+    # d/dx too: a training step never asks for it, but an attribution through the SAE may
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(_params(cfg), x)
 
 
 def _close(got, want):
@@ -58,7 +59,7 @@ def test_sparse_loss_and_gradients_equal_dense():
     (v0, aux0), g0 = _loss_and_grads("dense", None)
     (v1, aux1), g1 = _loss_and_grads("sparse", None)
     _close((v1, aux1), (v0, aux0))
-    assert set(g1) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    assert set(g1[0]) == {"W_enc", "b_enc", "W_dec", "b_dec"} and g1[1].shape == (N, D)
     _close(g1, g0)
 
 
@@ -84,7 +85,9 @@ def test_sparse_backward_has_no_dense_encoder_matmul():
         grad = jax.grad(lambda p: reconstruction_loss(x, model.apply({"params": p}, x)[0]))
         jaxpr = jax.make_jaxpr(grad)(_params(cfg))
         eqns = [e for e in _all_eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
-        return sum(any(S in v.aval.shape for v in e.invars) for e in eqns)
+        # matrix-matrix products with a d_sae-wide operand (b_dec's W_enc @ db_enc is a matvec)
+        return sum(any(S in v.aval.shape for v in e.invars) and all(v.aval.ndim >= 2 for v in e.invars)
+                   for e in eqns)
 
     assert wide_dots("sparse") == 1
     assert wide_dots("dense") >= 4

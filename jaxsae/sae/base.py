@@ -123,7 +123,7 @@ def auxk_loss(
       residual: f32[N, D] e = x - x_hat, already stop-gradient'ed.
       W_dec: f32[S, D].
       k_aux: static number of latents used per token.
-      enc: None, or (xc, W_enc, b_enc, dtype) when `pre` carries no gradient (the sparse path,
+      enc: None, or (x, b_dec, W_enc, b_enc, dtype) when `pre` carries no gradient (the sparse path,
         `SAEBase.activate_sparse`): the dead latents' gradient is then re-attached here, inside the
         branch, so its dense backward runs only on steps with a dead latent.
     Returns:
@@ -227,9 +227,9 @@ class SAEBase(nn.Module):
         """(f f32[N, S], (idx i32[N, k], vals f32[N, k]) or None): the activations and, for kinds with
         a fixed k per token, the active latents, which the sparse decode reads.
         k: a (traced) k <= cfg.k for the fixed-k kinds (a sweep's member); None: cfg.k.
-        enc: None, or (xc f32[N, D], W_enc, b_enc, compute dtype) when `pre` is a value without gradient
-        (the sparse path): the kind then reads its selected entries with `gathered_pre(pre, *enc[:3], idx,
-        enc[3])`. Only kinds that return active rows are given it."""
+        enc: None, or (x f32[N, D], b_dec, W_enc, b_enc, compute dtype) when `pre` is a value without
+        gradient (the sparse path): the kind then reads its selected entries with
+        `gathered_pre(pre, *enc[:4], idx, enc[4])`. Only kinds that return active rows are given it."""
         return self.activate(pre, train), None
 
     def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None) -> dict[str, jax.Array]:
@@ -312,8 +312,7 @@ class SAEBase(nn.Module):
             # Only each token's k selected pre-activations reach the loss: select on the values, then
             # let `gathered_pre` give the encoder a gradient at those k latents only (the kinds' k path
             # reads it through `enc`); AuxK re-attaches a dense gradient in its own branch.
-            xc = x2 - self.b_dec
-            enc = (xc, self.W_enc, self.b_enc, self.cfg.compute_dtype)
+            enc = (x2, self.b_dec, self.W_enc, self.b_enc, self.cfg.compute_dtype)
             pre = jax.lax.stop_gradient(pre)
         f, active_rows = self.activate_sparse(pre, train, k, enc)
         x_hat = self.decode_rows(*active_rows) if enc is not None else self.decode(f, lora)

@@ -42,8 +42,8 @@ class TopKSAE(SAEBase):
         # mesh's model axis, so a member's d_sae is not split
         vals, idx = top_k(pre, self.cfg.k) if k is None else jax.lax.top_k(pre, self.cfg.k)
         if enc is not None:  # the same values, with a gradient at the k selected latents only
-            xc, W_enc, b_enc, dtype = enc
-            vals = gathered_pre(pre, xc, W_enc, b_enc, idx, dtype)
+            *inputs, dtype = enc
+            vals = gathered_pre(pre, *inputs, idx, dtype)
         vals = keep_first(jax.nn.relu(vals), k)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
