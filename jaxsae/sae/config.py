@@ -63,7 +63,8 @@ class SAEConfig:
         reconstruction loss (None = equal weights).
       dtype: compute dtype of the encoder/decoder matmuls (params stay f32).
       decode: how a training step computes x_hat and the encoder's gradient; a compute choice only
-        (the same numbers within float rounding; checkpoints, exports and evaluation do not see it).
+        (the same numbers within float rounding; checkpoints and exports do not depend on it, and
+        under auto evaluation keeps the dense decoder).
         dense: f @ W_dec and autodiff's dense backward (matmuls over all of d_sae; any sharding; best
         on TPU). sparse (fixed-k kinds only): gather the k decoder rows of each token,
         sum_j a_j W_dec[idx_j], and give the encoder a gradient that touches only each token's k
