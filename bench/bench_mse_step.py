@@ -8,7 +8,9 @@
 Both sides train a TopK SAE on the same random N(0, 1) batches (a pool of --pool batches, cycled):
 
 * jaxsae: the real step, `make_mse_step(cfg, *optimizer(...))`, jit-compiled with
-  the state donated (Adam + the unit-norm decoder wrapper, AuxK bookkeeping, metrics).
+  the state donated (Adam + the unit-norm decoder wrapper, AuxK bookkeeping, metrics), with the
+  default `sae.decode: auto` (sparse decoder and encoder gradients off TPU); the row
+  "sae.decode=dense" is the same step with the dense decoder and autodiff's dense backward.
 * PyTorch reference (eager, `torch.set_num_threads(cores)`; on `--torch-device`, by default cuda when
   JAX runs on a GPU and torch sees one, else cpu; each step synchronised), the sparsify / SAELens-style TopK SAE:
   pre = relu(Linear(x - b_dec)); vals, idx = topk(pre, k); decoder = the top-k codes scattered into a
@@ -40,17 +42,19 @@ from common import (OtherLoad, interleaved, jax_matmul_gflops, machine_line, n_c
 def make_jax_runner(d_model: int, d_sae: int, k: int, batch: int, pool, variant: str = "real"):
     """A zero-arg callable running one blocking training step (cycling through `pool`).
 
-    variant: "real" is jaxsae's step as shipped. The others are diagnostics assembled from the same
-    library pieces (only with --breakdown): "no_auxk" passes dead=None (skips the AuxK top-k and
-    matmul), "plain_adam" additionally drops the unit-norm decoder wrapper, "sparse_dec" is
-    "no_auxk" with the decoder as a gather of each token's k W_dec rows instead of a dense
-    [B, S] @ [S, D] (a prototype of a possible fix, same optimizer), "sparse_grads" also replaces
-    autodiff by hand-written gradients that touch only each token's k latents (scatter-adds into
-    W_dec, W_enc^T and b_enc; b_dec's encoder-side grad as W_enc @ db_enc), so only the encoder
-    forward stays a dense [B, D] @ [D, S] matmul (prototype), "auxk_active" is the real step
-    with dead_tokens_threshold=1, so latents that did not fire in the last batch count as dead and
-    AuxK does real work (late in training some latents are dead; at the default threshold none are
-    in a benchmark this short, and AuxK then runs on an all-masked input).
+    variant: "real" is jaxsae's step as shipped (`sae.decode: auto`: on CPU/GPU the sparse decoder
+    and encoder gradients), "dense" and "sparse" the same step with `sae.decode` forced. The others
+    are diagnostics assembled from the same library pieces, with the default decode (only with
+    --breakdown): "no_auxk" passes dead=None (skips the AuxK top-k and matmul), "plain_adam"
+    additionally drops the unit-norm decoder wrapper, "sparse_dec" is "no_auxk" with a hand-written
+    loss whose decoder gathers each token's k W_dec rows (autodiff's backward, so a dense encoder
+    gradient; same optimizer), "sparse_grads" also replaces autodiff by hand-written gradients that
+    touch only each token's k latents (scatter-adds into W_dec, W_enc^T and b_enc; b_dec's
+    encoder-side grad as W_enc @ db_enc), so only the encoder forward stays a dense [B, D] @ [D, S]
+    matmul (the prototype of what `sae.decode: sparse` does in the library), "auxk_active" is the
+    real step with dead_tokens_threshold=1, so latents that did not fire in the last batch count as
+    dead and AuxK does real work (late in training some latents are dead; at the default threshold
+    none are in a benchmark this short, and AuxK then runs on an all-masked input).
     """
     import jax
     import jax.numpy as jnp
@@ -63,12 +67,12 @@ def make_jax_runner(d_model: int, d_sae: int, k: int, batch: int, pool, variant:
 
     sae_cfg = SAEConfig(kind="topk", d_model=d_model, d_sae=d_sae, k=k,
                         dead_tokens_threshold=1 if variant == "auxk_active" else 10_000_000,
-                        decode="sparse" if variant == "sparse" else "dense").validate()
+                        decode=variant if variant in ("dense", "sparse") else "auto").validate()
     module = make_sae(sae_cfg)
     mse_cfg = MSECfg(batch_size=batch, warmup_steps=1)  # constant lr 3e-4 after step 0, as torch
     tx, schedule = optimizer(mse_cfg, 1_000_000, sae_cfg)
     params = init_sae(sae_cfg, jax.random.PRNGKey(0))
-    if variant in ("real", "auxk_active", "sparse"):
+    if variant in ("real", "auxk_active", "dense", "sparse"):
         step = make_mse_step(sae_cfg, tx, schedule)
     else:
         if variant == "plain_adam":
@@ -281,10 +285,11 @@ def main() -> None:
           f"torch decoder: {args.torch_decode}, torch device: {torch_device}{torch_device_note(torch_device)}")
     t0 = time.perf_counter()
     runners = {"jaxsae": make_jax_runner(D, S, k, B, pool),
-               "jaxsae, sae.decode=sparse": make_jax_runner(D, S, k, B, pool, "sparse"),
+               "jaxsae, sae.decode=dense": make_jax_runner(D, S, k, B, pool, "dense"),
                f"torch ({args.torch_decode})": make_torch_runner(D, S, k, B, pool, args.torch_decode,
                                                                  torch_device)}
     if args.breakdown:
+        runners["jaxsae, sae.decode=sparse"] = make_jax_runner(D, S, k, B, pool, "sparse")
         runners["jaxsae, AuxK active"] = make_jax_runner(D, S, k, B, pool, "auxk_active")
         runners["jaxsae, no AuxK"] = make_jax_runner(D, S, k, B, pool, "no_auxk")
         runners["jaxsae, no AuxK, plain Adam"] = make_jax_runner(D, S, k, B, pool, "plain_adam")

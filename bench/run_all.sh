@@ -152,8 +152,8 @@ def cols(log, first):
 
 
 log = logs.get("bench_mse_step", "")
-for row, what in (("jaxsae", "jaxsae MSE step / torch step"),
-                  ("jaxsae, sae.decode=sparse", "jaxsae MSE step, `sae.decode: sparse` / torch step")):
+for row, what in (("jaxsae", "jaxsae MSE step (default `sae.decode: auto`) / torch step"),
+                  ("jaxsae, sae.decode=dense", "jaxsae MSE step, `sae.decode: dense` / torch step")):
     c = cols(log, row)
     if c:
         ratios.append(("bench_mse_step", what, c[3], "≥ 1.5x"))

@@ -200,8 +200,8 @@ def test_topk_shapes_and_exact_l0():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_sparse_decoder_equals_dense_with_its_gradients(dtype):
-    """sae.decode=sparse (gather the k rows) computes the dense decoder's x_hat, losses and gradients,
-    AuxK included."""
+    """sae.decode=sparse (gather the k decoder rows; encoder gradient at the k selected latents) computes
+    the dense path's x_hat, losses and gradients, AuxK included (more in test_sparse_grad.py)."""
     x = _x((64, D), seed=3)
     dead = jnp.arange(S) % 5 == 0
     results = {}

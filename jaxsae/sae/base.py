@@ -24,8 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxsae.sae.config import SAEConfig
+from jaxsae.sae.config import SAEConfig, resolve_decode
 from jaxsae.sae.selection import top_k
+from jaxsae.sae.sparse_grad import with_dense_grad
+from jaxsae.sharding import context_spec
 
 
 class SAEOutput(NamedTuple):
@@ -36,7 +38,8 @@ class SAEOutput(NamedTuple):
 
     Attributes:
       f: f32[..., d_sae] latent activations (same leading dims as x).
-      pre: f32[..., d_sae] pre-activations (x - b_dec) @ W_enc + b_enc.
+      pre: f32[..., d_sae] pre-activations (x - b_dec) @ W_enc + b_enc (values only, without a
+        gradient, on the sparse path: there the encoder's gradient flows through the k selected entries).
       l0: f32[] mean number of active latents per token (metric, no grad).
       fired: bool[d_sae] latents active on at least one token of the batch;
         feed to `update_dead_counter`.
@@ -106,7 +109,7 @@ def scatter_rows(shape, idx: jax.Array, vals: jax.Array) -> jax.Array:
 
 
 def auxk_loss(
-    pre: jax.Array, dead: jax.Array, residual: jax.Array, W_dec: jax.Array, k_aux: int
+    pre: jax.Array, dead: jax.Array, residual: jax.Array, W_dec: jax.Array, k_aux: int, enc=None
 ) -> jax.Array:
     """AuxK loss of Gao et al. (2024), unscaled: f32[].
 
@@ -120,15 +123,20 @@ def auxk_loss(
       residual: f32[N, D] e = x - x_hat, already stop-gradient'ed.
       W_dec: f32[S, D].
       k_aux: static number of latents used per token.
+      enc: None, or (x, b_dec, W_enc, b_enc, dtype) when `pre` carries no gradient (the sparse path,
+        `SAEBase.activate_sparse`): the dead latents' gradient is then re-attached here, inside the
+        branch, so its dense backward runs only on steps with a dead latent.
     Returns:
       sum ||e - e_hat||^2 / sum ||e||^2, or exactly 0 when nothing is dead.
     """
     def compute(_):
+        # k_aux is large (d_model / 2): a dense backward beats gathering k_aux encoder columns per token
+        p = pre if enc is None else with_dense_grad(pre, *enc)
         # Live latents get the most negative float so top_k never prefers them;
         # if fewer than k_aux latents are dead the extra picks relu to 0.
-        masked = jnp.where(dead[None, :], pre, jnp.finfo(pre.dtype).min)
+        masked = jnp.where(dead[None, :], p, jnp.finfo(p.dtype).min)
         vals, idx = top_k(masked, k_aux)  # two-stage when d_sae is split over the mesh
-        f_aux = scatter_rows(pre.shape, idx, jax.nn.relu(vals))
+        f_aux = scatter_rows(p.shape, idx, jax.nn.relu(vals))
         e_hat = f_aux @ W_dec.astype(f_aux.dtype)
         num = jnp.sum((residual - e_hat) ** 2)
         den = jnp.maximum(jnp.sum(residual**2), jnp.finfo(jnp.float32).tiny)
@@ -136,6 +144,17 @@ def auxk_loss(
 
     # Most steps have no dead latent: skip the second top-k and the extra decoder matmul entirely.
     return jax.lax.cond(jnp.any(dead), compute, lambda _: jnp.zeros((), jnp.float32), None)
+
+
+def decode_mode(cfg: SAEConfig, n_tokens: int, training: bool = True) -> str:
+    """'dense' | 'sparse': the decode a forward over n_tokens uses, cfg.decode with auto resolved by
+    `resolve_decode` from the kind, the backend, whether the mesh of the step being traced (if any)
+    splits d_sae, and `training`."""
+    from jaxsae.sae.kinds import kind_of  # local: the kinds import this module
+
+    spec = context_spec(("batch", "d_sae"), (n_tokens, cfg.d_sae))
+    return resolve_decode(cfg.decode, kind_of(cfg).fixed_k, jax.default_backend(),
+                          spec is not None and spec[1] is not None, training)
 
 
 def lora_delta(lora: dict, name: str, inp: jax.Array) -> jax.Array:
@@ -204,17 +223,21 @@ class SAEBase(nn.Module):
         """f32[N, S] -> f32[N, S] latent activations."""
         raise NotImplementedError
 
-    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None, enc=None):
         """(f f32[N, S], (idx i32[N, k], vals f32[N, k]) or None): the activations and, for kinds with
-        a fixed k per token, the active latents, which `sae.decode=sparse` decodes from.
-        k: a (traced) k <= cfg.k for the fixed-k kinds (a sweep's member); None: cfg.k."""
+        a fixed k per token, the active latents, which the sparse decode reads.
+        k: a (traced) k <= cfg.k for the fixed-k kinds (a sweep's member); None: cfg.k.
+        enc: None, or (x f32[N, D], b_dec, W_enc, b_enc, compute dtype) when `pre` is a value without
+        gradient (the sparse path): the kind then reads its selected entries with
+        `gathered_pre(pre, *enc[:4], idx, enc[4])`. Only kinds that return active rows are given it."""
         return self.activate(pre, train), None
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff) -> dict[str, jax.Array]:
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None) -> dict[str, jax.Array]:
         """The kind's scaled loss terms {name: f32[]} (`SAEOutput.penalties`); default none.
 
         x: f32[N, D], pre/f: f32[N, S], x_hat: f32[N, D], dead: bool[S]|None; l1_coeff / l0_coeff: f32[]
-        overrides of cfg's coefficients (a warm-up, a sweep member's) or None.
+        overrides of cfg's coefficients (a warm-up, a sweep member's) or None; enc: as `activate_sparse`'s
+        (a term that needs d/dpre uses `with_dense_grad(pre, *enc)`).
         """
         return {}
 
@@ -284,10 +307,16 @@ class SAEBase(nn.Module):
         lead = x.shape[:-1]
         x2 = self._flat(x).astype(jnp.float32)
         pre = self.pre_acts(x2, lora)
-        f, active_rows = self.activate_sparse(pre, train, k)
-        x_hat = (self.decode_rows(*active_rows) if self.cfg.decode == "sparse" and active_rows is not None
-                 and lora is None else self.decode(f, lora))
-        penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff, l0_coeff)
+        enc = None
+        if lora is None and decode_mode(self.cfg, x2.shape[0], train) == "sparse":
+            # Only each token's k selected pre-activations reach the loss: select on the values, then
+            # let `gathered_pre` give the encoder a gradient at those k latents only (the kinds' k path
+            # reads it through `enc`); AuxK re-attaches a dense gradient in its own branch.
+            enc = (x2, self.b_dec, self.W_enc, self.b_enc, self.cfg.compute_dtype)
+            pre = jax.lax.stop_gradient(pre)
+        f, active_rows = self.activate_sparse(pre, train, k, enc)
+        x_hat = self.decode_rows(*active_rows) if enc is not None else self.decode(f, lora)
+        penalties = self.loss_terms(x2, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc)
         if active_rows is not None:
             # from the k active entries: the dense codes then need not exist in a training step
             idx, vals = active_rows

@@ -104,7 +104,7 @@ class BatchTopKSAE(TopKSAE):
         thr = jnp.maximum(jax.lax.stop_gradient(self.threshold), 0.0)
         return jnp.where(pre > thr, pre, 0.0)
 
-    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None, enc=None):
         # Tokens have no fixed k: no per-token rows for a sparse decoder (TopKSAE's would be per-token top-k).
         if train and k is not None:
             return batch_topk_activation(pre, self.cfg.k, k), None

@@ -17,7 +17,7 @@ from typing import Literal
 import jax.numpy as jnp
 
 DType = Literal["float32", "bfloat16", "float16"]
-Decode = Literal["dense", "sparse"]
+Decode = Literal["auto", "dense", "sparse"]
 DTYPES: tuple[str, ...] = typing.get_args(DType)
 DECODES: tuple[str, ...] = typing.get_args(Decode)
 # The fields that describe an SAE's architecture (what a saved SAE brings with it when a run starts
@@ -62,10 +62,16 @@ class SAEConfig:
       group_weights: matryoshka_batchtopk only; weight of each prefix's
         reconstruction loss (None = equal weights).
       dtype: compute dtype of the encoder/decoder matmuls (params stay f32).
-      decode: dense (f @ W_dec: one matmul, any sharding; the default, best on TPU) or sparse
-        (fixed-k kinds only: gather the k decoder rows of each token, sum_j a_j W_dec[idx_j]; k/d_sae
-        of the FLOPs, faster on CPU/GPU at large d_sae, but an f32[tokens, k, d_model] intermediate
-        and a gather along d_sae, which a mesh with model > 1 has to all-gather).
+      decode: how a training step computes x_hat and the encoder's gradient; a compute choice only
+        (the same numbers within float rounding; checkpoints and exports do not depend on it, and
+        under auto evaluation keeps the dense decoder).
+        dense: f @ W_dec and autodiff's dense backward (matmuls over all of d_sae; any sharding; best
+        on TPU). sparse (fixed-k kinds only): gather the k decoder rows of each token,
+        sum_j a_j W_dec[idx_j], and give the encoder a gradient that touches only each token's k
+        latents (`jaxsae.sae.sparse_grad`); k/d_sae of the decoder's and the backward's FLOPs, faster
+        on CPU/GPU, but f32[tokens, k, d_model] intermediates and gathers along d_sae, which a mesh
+        with model > 1 has to all-gather. auto (the default): `resolve_decode` picks one per forward
+        (sparse for topk when training off TPU with d_sae whole on each device; else dense).
     """
 
     kind: str = "topk"
@@ -89,7 +95,7 @@ class SAEConfig:
     group_fractions: tuple[float, ...] | None = None
     group_weights: tuple[float, ...] | None = None
     dtype: DType = "float32"
-    decode: Decode = "dense"
+    decode: Decode = "auto"
 
     def __post_init__(self):
         # configs read back from JSON or YAML carry lists; a jit static argument must be hashable
@@ -171,8 +177,8 @@ class SAEConfig:
         if self.dead_tokens_threshold <= 0:
             fail(f"sae.dead_tokens_threshold={self.dead_tokens_threshold!r} must be > 0")
         if self.decode not in DECODES:
-            fail(f"sae.decode={self.decode!r}: choose {' or '.join(DECODES)}")
-        if self.decode == "sparse" and not kind.fixed_k:
+            fail(f"sae.decode={self.decode!r}: choose {', '.join(DECODES)}")
+        if self.decode == "sparse" and not kind.fixed_k:  # auto quietly resolves to dense for these
             fixed = ", ".join(n for n, kd in REGISTRY.items() if kd.fixed_k)
             fail(f"sae.decode=sparse needs a fixed k per token (kind {fixed}), not {self.kind}: "
                  "use sae.decode=dense")
@@ -180,3 +186,23 @@ class SAEConfig:
             fail(f"sae.dtype={self.dtype!r} is unsupported: choose one of {', '.join(DTYPES)}")
         kind.validate(self)
         return self
+
+
+def resolve_decode(decode: str, fixed_k: bool, platform: str, d_sae_split: bool,
+                   training: bool = True) -> Literal["dense", "sparse"]:
+    """The decode a forward uses: `decode` itself unless it is auto.
+
+    decode: the `sae.decode` setting; fixed_k: this forward has each token's k active latents (a fixed-k
+    kind, no LoRA on the SAE); platform: the backend the step compiles for (`jax.default_backend()`);
+    d_sae_split: the step's mesh splits d_sae over a model axis of size > 1; training: a training
+    forward (one that will be differentiated), not evaluation or inference.
+
+    auto is sparse only where it wins: in training (most of the saving is in the backward; evaluation
+    keeps the dense decoder and so reports the numbers it always did), with a fixed k (otherwise there
+    are no per-token rows to gather), off TPU (the MXU runs the dense matmuls at full rate, while
+    gathers and scatter-adds along d_sae are slow there), and with d_sae whole on each device (split,
+    every gather would all-gather W_enc / W_dec along it, where the dense matmuls stay local).
+    """
+    if decode != "auto":
+        return "sparse" if decode == "sparse" and fixed_k else "dense"
+    return "sparse" if training and fixed_k and platform != "tpu" and not d_sae_split else "dense"

@@ -121,7 +121,7 @@ class JumpReLUSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return jumprelu(pre, jnp.exp(self.log_threshold), self.cfg.jumprelu_bandwidth)
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None):
         # the step of pre (the paper's), not of f as dictionary_learning: see the module docstring
         on = heaviside_step(pre, jnp.exp(self.log_threshold), self.cfg.jumprelu_bandwidth)
         l0 = jnp.mean(jnp.sum(on, axis=-1))

@@ -66,8 +66,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     """Matryoshka BatchTopK SAE: BatchTopK's params (threshold included), activation, AuxK and
     inference; penalties['matryoshka'] adds the inner prefixes' reconstruction losses."""
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
-        terms = dict(super().loss_terms(x, pre, f, x_hat, dead, l1_coeff, l0_coeff))
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None):
+        terms = dict(super().loss_terms(x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc))
         dt = self.cfg.compute_dtype
         partial = jnp.broadcast_to(self.b_dec, x.shape)
         inner = jnp.zeros((), jnp.float32)

@@ -38,7 +38,7 @@ class ReLUSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return jax.nn.relu(pre)
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None):
         coeff = self.cfg.l1_coeff if l1_coeff is None else l1_coeff
         dec_norm = jnp.linalg.norm(self.W_dec, axis=-1)  # f32[S]
         l1 = jnp.mean(jnp.sum(f * dec_norm, axis=-1))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxsae.sae.base import SAEBase, auxk_loss, keep_first, scatter_rows
 from jaxsae.sae.selection import top_k
+from jaxsae.sae.sparse_grad import gathered_pre
 
 
 def topk_activation(pre: jax.Array, k: int) -> jax.Array:
@@ -36,19 +37,22 @@ class TopKSAE(SAEBase):
     def activate(self, pre: jax.Array, train: bool) -> jax.Array:
         return topk_activation(pre, self.cfg.k)
 
-    def activate_sparse(self, pre: jax.Array, train: bool, k=None):
+    def activate_sparse(self, pre: jax.Array, train: bool, k=None, enc=None):
         # a sweep's member (k given, under vmap) selects in one stage: its SAE axis may already hold the
         # mesh's model axis, so a member's d_sae is not split
         vals, idx = top_k(pre, self.cfg.k) if k is None else jax.lax.top_k(pre, self.cfg.k)
+        if enc is not None:  # the same values, with a gradient at the k selected latents only
+            *inputs, dtype = enc
+            vals = gathered_pre(pre, *inputs, idx, dtype)
         vals = keep_first(jax.nn.relu(vals), k)
         return scatter_rows(pre.shape, idx, vals), (idx, vals)
 
-    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff):
+    def loss_terms(self, x, pre, f, x_hat, dead, l1_coeff, l0_coeff, enc=None):
         if dead is None:  # static: skip the extra top-k entirely
             return {"auxk": jnp.zeros((), jnp.float32)}
         # The residual is a fixed target: AuxK must not pull the main
         # reconstruction towards what the dead latents can express.
         residual = jax.lax.stop_gradient(x - x_hat)
         aux = auxk_loss(pre, jnp.asarray(dead, bool), residual, self.W_dec,
-                        self.cfg.effective_k_aux)
+                        self.cfg.effective_k_aux, enc)
         return {"auxk": self.cfg.auxk_coeff * aux}
