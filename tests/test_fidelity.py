@@ -154,16 +154,29 @@ def test_l0_probe_settings():
             check_static(C.load_config(None, base + extra))
 
 
-def test_relu_run_holds_each_probe_batch_at_its_own_l0(tiny_model, tmp_path):
-    """A ReLU run whose fine-tune reads the L1 probe: every step logs its probe batch's L0 against that
-    batch's own starting L0 (cycling through the probe), and the window starts after the probe."""
-    from conftest import run_cmd, tiny_args
+def _relu_probe_args(model, run_dir):
+    from conftest import tiny_args
 
-    run_dir = tmp_path / "relu"
-    r = run_cmd(tiny_args(tiny_model, run_dir, "--set", "phases=[mse, finetune]", "--set", "sae.kind=relu",
-                          "--set", "sae.l1_coeff=0.05", "--set", "sae.l1_warmup_steps=5", "--set", "mse.tokens=5120",
-                          "--set", "checkpoint.every_steps=1000", "--set", "finetune.l0_probe_sequences=12"))
+    return tiny_args(model, run_dir, "--set", "phases=[mse, finetune]", "--set", "sae.kind=relu",
+                     "--set", "sae.l1_coeff=0.05", "--set", "sae.l1_warmup_steps=5", "--set", "mse.tokens=5120",
+                     "--set", "checkpoint.every_steps=5", "--set", "finetune.l0_probe_sequences=12")
+
+
+@pytest.fixture(scope="module")
+def relu_probe_run(tiny_model, tmp_path_factory):
+    """A tiny ReLU run whose fine-tune's L1 controller reads the probe (read-only)."""
+    from conftest import run_cmd
+
+    run_dir = tmp_path_factory.mktemp("relu") / "probe"
+    r = run_cmd(_relu_probe_args(tiny_model, run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
+    return run_dir
+
+
+def test_relu_run_holds_each_probe_batch_at_its_own_l0(relu_probe_run):
+    """Every fine-tune step logs its probe batch's L0 against that batch's own starting L0 (cycling
+    through the probe); the store records where the window's text starts."""
+    run_dir = relu_probe_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ft = [m for m in rows if m.get("phase") == "finetune" and "train/l0_probe" in m]
     assert ft, "the fine-tune logged no probe L0"
@@ -172,3 +185,26 @@ def test_relu_run_holds_each_probe_batch_at_its_own_l0(tiny_model, tmp_path):
     assert all(m["train/l0_probe"] > 0 for m in ft)
     meta = json.loads((run_dir / "store" / "meta.json").read_text())
     assert "stream_position" in meta
+
+
+def test_relu_probe_run_resumes_bit_identically_after_kill(tiny_model, relu_probe_run, tmp_path):
+    """SIGKILL mid-fine-tune, then the same command: the SAE, λ and the probe's targets equal the
+    uninterrupted run's bit for bit."""
+    import jaxsae
+    from conftest import kill_mid_phase, run_cmd
+
+    run_dir = tmp_path / "killed"
+    args = _relu_probe_args(tiny_model, run_dir)
+    steps = kill_mid_phase(args, run_dir, phase="finetune", after_step=10)
+    assert steps and steps[-1] < 24, steps  # really interrupted
+    r = run_cmd(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = jaxsae.load_sae(relu_probe_run / "checkpoints" / "finetune")
+    b = jaxsae.load_sae(run_dir / "checkpoints" / "finetune")
+    for k in a.params:
+        np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=k)
+    rows = {p: [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+            for p in (relu_probe_run, run_dir)}
+    last = [[m for m in rows[p] if m.get("phase") == "finetune"][-1] for p in rows]
+    assert {k: v for k, v in last[0].items() if not k.startswith("perf/")} == \
+        {k: v for k, v in last[1].items() if not k.startswith("perf/")}
