@@ -79,8 +79,15 @@ class StoreCfg:
     path: str = ""  # tensorstore kvstore path or URL; "" -> <run_dir>/store
     dtype: Literal["float32", "bfloat16"] = "float32"
     tokens: int = 500_000_000  # rows collected; the MSE phase reads them once (1 epoch) by default
-    batch_contexts: int = 32
+    batch_contexts: int = 32  # contexts per LM forward, collecting or streaming
     norm_sample_tokens: int = 65_536
+    # disk: collect `tokens` rows into the store first, then train on them (reusable by many runs);
+    # stream: the LM makes the MSE phase's rows inside its loop, through a shuffle buffer on device
+    # (`jaxsae.data.stream`): no store on disk, every MSE token a new one, `tokens` unused
+    mode: Literal["disk", "stream"] = "disk"
+    # stream mode: rows per refill of the shuffle buffer (1.5x that on device); SAELens's default buffer at
+    # context 1024 (20 x 32 contexts). Small buffers mix few contexts per batch and train worse
+    buffer_rows: int = 655_360
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,7 +391,8 @@ def _size_keys(tree: dict) -> list[str]:
     from jaxsae.phases import BY_NAME
 
     phases = tree.get("phases", RunConfig.phases)
-    keys = ["store.tokens"]
+    store = tree.get("store")
+    keys = [] if isinstance(store, dict) and store.get("mode") == "stream" else ["store.tokens"]
     for name in phases if isinstance(phases, (list, tuple)) else ():
         if name == "e2e":  # e2e.tokens 0 means mse.tokens + finetune.tokens
             keys += [] if _has(tree, "e2e.tokens") else ["mse.tokens", "finetune.tokens"]

@@ -25,6 +25,11 @@ def check_static(cfg: RunConfig) -> None:
         v = getattr(getattr(cfg, sec), name)
         need(v > 0, f"{key}={v} must be positive")
     need(cfg.data.context >= 2, f"data.context={cfg.data.context} must be at least 2")
+    if cfg.store.mode == "stream" and "mse" in cfg.phases:
+        # a window (what batches are drawn from) should mix rows of many batches' worth of contexts
+        need(cfg.store.buffer_rows >= 2 * cfg.mse.batch_size,
+             f"store.buffer_rows={cfg.store.buffer_rows} must be at least 2 x mse.batch_size ({cfg.mse.batch_size}): "
+             "raise store.buffer_rows")
     init = cfg.finetune.init_from
     msg = P.check_phases(cfg.phases, has_init=bool(init))
     need(msg is None, msg or "")
@@ -33,7 +38,7 @@ def check_static(cfg: RunConfig) -> None:
     need(not init or Path(init).exists(), f"finetune.init_from={init} does not exist: point it at an SAE directory")
     for name in cfg.phases:
         check_phase_section(cfg, name)
-    need(cfg.mse.tokens <= cfg.store.tokens * 1000 or "mse" not in cfg.phases,
+    need(cfg.mse.tokens <= cfg.store.tokens * 1000 or "mse" not in cfg.phases or cfg.store.mode == "stream",
          "mse.tokens is over 1000 epochs of the store: raise store.tokens")
     check_adapter(cfg)
     g = cfg.guard
@@ -135,6 +140,9 @@ def check_mesh(cfg: RunConfig, n_devices: int, n_processes: int = 1) -> tuple[in
         # each process feeds its own rows of every batch, so no two processes may share a data slice
         raise ConfigError(f"mesh.data={data} is not a multiple of the {n_processes} processes: make mesh.data a "
                           f"multiple of {n_processes} (and mesh.model = devices / mesh.data)")
+    if cfg.store.mode == "stream" and n_processes > 1:
+        raise ConfigError(f"store.mode=stream runs in one process today, not {n_processes}: use store.mode=disk for a "
+                          "multi-host run (each host writes its own shards of the store)")
     split = data
     batches = {"mse.batch_size": cfg.mse.batch_size, "store.batch_contexts": cfg.store.batch_contexts,
                "eval.batch_sequences": cfg.eval.batch_sequences}

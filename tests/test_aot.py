@@ -72,11 +72,17 @@ def test_projection_of_the_whole_budget_is_the_stated_arithmetic(compiled):
     assert rows["total"].hours == pytest.approx(sum(r.hours for n, r in rows.items() if n not in
                                                     ("total", "disk store", "stream buffer")), rel=1e-12)
     assert rows["disk store"].bytes == 4_500_000 * 128 * 4  # float32 rows of d_model 128
-    # SAELens's buffer (20 x 32 contexts of 32) by default, split over data: 8 on (8, 1), 2 on (2, 4)
-    assert rows["stream buffer"].bytes == 20 * 32 * 32 // 8 * 128 * 4
+    # stream mode's buffer: a window of store.buffer_rows and a carried half, split over data: 8 on (8, 1),
+    # 2 on (2, 4)
+    assert rows["stream buffer"].bytes == 655_360 * 3 // 2 // 8 * 128 * 4
     steps4, mesh4 = compiled[4]
     r4 = {r.name: r for r in project(_cfg("mesh.model=4"), mcfg, steps4, mesh4, None, 0.4, stream_rows=1001)}
-    assert r4["stream buffer"].bytes == 501 * 128 * 4  # ceil(1001 / 2) rows per device
+    assert r4["stream buffer"].bytes == 751 * 128 * 4  # ceil(1.5 x 1001 / 2) rows per device
+    # in stream mode no disk store; the LM runs over every block the MSE phase's rows come from: 4.5M rows
+    # in blocks of 20,480 contexts (655,360 rows), windows of half a block first -> 8 blocks
+    st = {r.name: r for r in project(_cfg("store.mode=stream"), mcfg, steps, mesh, None, 0.4)}
+    assert "disk store" not in st
+    assert st["stream (LM to block 2)"].flops == pytest.approx(8 * 20_480 * 32 * per_token / 8, rel=1e-12)
     assert all(r.hours is None for r in r4.values()) and r4["mse"].flops == r4["mse"].steps * steps4[0].flops
     # mesh (2, 4): a replicated LM repeats the collection's forward along model, a tensor-sharded one splits it
     collect = rows["collect (LM to block 2)"].flops * 8

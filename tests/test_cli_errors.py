@@ -161,6 +161,12 @@ def _cases() -> list[Case]:
         c("train-k-over-d-sae", lambda w: w.train("--set", "sae.k=500"), "sae.k=500 exceeds sae.d_sae=128"),
         c("train-store-of-another-layer", lambda w: w.train("--set", f"store.path={w.bad['store']}", "--set",
                                                             "hook.layer=2"), "collected at layer 1, not hook.layer=2"),
+        c("train-stream-buffer-below-two-batches", lambda w: w.train("--set", "store.mode=stream", "--set",
+                                                                     "store.buffer_rows=300"),
+          "store.buffer_rows=300 must be at least 2 x mse.batch_size (256)"),
+        c("train-stream-over-a-disk-store", lambda w: w.train("--set", f"store.path={w.bad['store']}", "--set",
+                                                              "store.mode=stream"),
+          "holds a disk-mode store, but store.mode=stream: set store.mode=disk or use a new store.path"),
         c("train-checkpoint-of-another-sae", lambda w: w.train("--set", "sae.d_sae=256"),
           "holds a mse checkpoint trained with sae.d_sae=128, but the config says sae.d_sae=256", "copy"),
         # --- the model

@@ -36,7 +36,7 @@ PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}
 
 # SAELens's default mixing buffer holds n_batches_in_buffer (20) × store_batch_size_prompts (32) contexts
 # of activations (sae_lens LanguageModelSAERunnerConfig defaults; ActivationsStore fills and shuffles
-# that many rows): the default size of the planned stream mode's shuffle buffer, at the config's context.
+# that many rows); store.buffer_rows's default is that buffer at context 1024.
 SAELENS_BUFFER_CONTEXTS = 20 * 32
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -70,8 +70,8 @@ def collection_flops_per_token(mcfg, layer: int, context: int) -> float:
 def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
             stream_rows: int | None = None) -> list[Row]:
     """The whole budget of `cfg` on `mesh`: one time row per listed phase (from `steps`, the compiled
-    steps of `jaxsae.aot.compile_steps`), the collection, the total, then the disk store and a stream
-    buffer of `stream_rows` rows (default SAELens's buffer) split over the data axis. peak_tflops: one
+    steps of `jaxsae.aot.compile_steps`), the collection (or stream), the total, then the disk store and the
+    stream mode's buffer of `stream_rows` rows (default store.buffer_rows) split over the data axis. peak_tflops: one
     chip's peak (TFLOP/s); None leaves hours None."""
     from jaxsae import config as C
 
@@ -82,14 +82,20 @@ def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
 
     data, width = mesh.shape["data"], _DTYPE_BYTES[cfg.store.dtype] * mcfg.d_model
     rows = []
-    if "mse" in cfg.phases:  # the MSE phase reads the store: its rows are collected first
+    stream = cfg.store.mode == "stream"
+    if "mse" in cfg.phases:  # the MSE phase reads the store: its rows are collected first (or streamed)
         per_context = cfg.data.context - (0 if cfg.data.include_first_position else 1)
         lm_tokens = math.ceil(cfg.store.tokens / per_context) * cfg.data.context
+        if stream:  # every block the MSE phase's rows come from
+            from jaxsae.data.stream import blocks_for, stream_spec
+
+            spec = stream_spec(cfg)
+            lm_tokens = blocks_for(spec, cfg.mse.tokens) * spec.block_contexts * cfg.data.context
         # the collection splits its batch over `data`; along `model` a replicated or fsdp LM repeats the
         # forward, a tensor-sharded one splits its matmuls (taken as an even split)
         split = data * (mesh.shape["model"] if cfg.model.lm_sharding == "tensor" else 1)
         f = lm_tokens * collection_flops_per_token(mcfg, cfg.hook.layer, cfg.data.context) / split
-        rows.append(Row(f"collect (LM to block {cfg.hook.layer})", flops=f, hours=hours(f),
+        rows.append(Row(f"{'stream' if stream else 'collect'} (LM to block {cfg.hook.layer})", flops=f, hours=hours(f),
                         note=f"{lm_tokens:,} LM tokens; estimated 2N + 2·L·ctx·d_attn, not compiled"))
     for s in steps:
         n = C.phase_tokens(cfg, s.phase) // C.phase_batch_tokens(cfg, s.phase)
@@ -98,12 +104,14 @@ def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
     known = [r.flops for r in rows]
     total = sum(known) if None not in known else None
     rows.append(Row("total", flops=total, hours=hours(total)))
-    if "mse" in cfg.phases:
+    if "mse" in cfg.phases and not stream:
         rows.append(Row("disk store", bytes=cfg.store.tokens * width,
                         note=f"{cfg.store.tokens:,} rows x {mcfg.d_model} x {cfg.store.dtype}"))
-    n_rows = stream_rows if stream_rows is not None else SAELENS_BUFFER_CONTEXTS * cfg.data.context
-    rows.append(Row("stream buffer", bytes=math.ceil(n_rows / data) * width,
-                    note=f"{n_rows:,} rows x {mcfg.d_model} x {cfg.store.dtype} over data={data}"))
+    # stream mode holds a window of buffer_rows and the next window's carried half (`jaxsae.data.stream`)
+    n_rows = stream_rows if stream_rows is not None else cfg.store.buffer_rows
+    rows.append(Row("stream buffer", bytes=math.ceil(1.5 * n_rows / data) * width,
+                    note=f"1.5 x {n_rows:,} rows x {mcfg.d_model} x {cfg.store.dtype} over data={data}"
+                         + ("" if stream else "; with store.mode=stream")))
     return rows
 
 

@@ -62,6 +62,7 @@ _CONTEXT = ts.Context()
 _DATA_OPTIONS = {"fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
 _REQUIRED_KEYS = ("format_version", "model", "dtype", "chunk_rows", "shard_rows", "tokens_target",
                   "tokens_written", "scale", "complete")
+_STREAM_KEYS = ("format_version", "model", "dtype", "layer", "scale", "complete")
 
 PathLike = str | os.PathLike | Mapping[str, Any] | ts.KvStore
 
@@ -113,7 +114,9 @@ def read_meta(path: PathLike) -> dict[str, Any] | None:
     if not isinstance(meta, dict):
         raise StoreError(f"{META_KEY} of store {kv.url} is corrupt (a JSON {type(meta).__name__}, "
                          f"not an object); {fix}")
-    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    # a stream-mode run's record (`jaxsae.data.stream`) has no rows, only what its scale was measured on
+    required = _STREAM_KEYS if meta.get("mode") == "stream" else _REQUIRED_KEYS
+    missing = [k for k in required if k not in meta]
     if not isinstance(meta.get("model", {}), dict) or "d_model" not in meta.get("model", {}):
         missing.append("model.d_model")
     if missing:
@@ -365,6 +368,9 @@ def open_store(path: PathLike, *, allow_incomplete: bool = False, verify: bool =
                "killed before it wrote any; re-run collection with the same config to rebuild it"
                if has_array else "create one with jaxsae.data.collect.collect(...) or python -m jaxsae.train")
         raise StoreError(f"no activation store at {kv.url}: {META_KEY} is missing; {why}")
+    if meta.get("mode") == "stream":
+        raise StoreError(f"{kv.url} is the record of a stream-mode run (store.mode=stream): it holds no activations; "
+                         "read them from the text with the run's LM, or train with store.mode=disk to keep them")
     array = _open_array(kv, meta)
     if not meta["complete"] and not allow_incomplete:
         raise StoreError(f"store {kv.url} is incomplete: {meta['tokens_written']} of {meta['tokens_target']} "

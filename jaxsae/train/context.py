@@ -56,7 +56,7 @@ class Context:
 
     plan: Plan
     lm: Any  # jaxsae.models.LM
-    store: Any  # jaxsae.data.store.Store
+    store: Any  # jaxsae.data.store.ActivationStore, or in stream mode jaxsae.data.stream.StreamStore
     log: MetricsLog
 
     @property
@@ -149,7 +149,9 @@ def trajectory(plan: Plan, phase: str, store_meta: dict | None) -> dict:
         from jaxsae.sweep import members
 
         out["sweep"] = [m.name for m in members(cfg)]
-    if store_meta is not None and store_meta.get("complete"):
+    if store_meta is not None and store_meta.get("mode") == "stream":
+        out["store"] = {"mode": "stream", "buffer_rows": cfg.store.buffer_rows, "scale": float(store_meta["scale"])}
+    elif store_meta is not None and store_meta.get("complete"):
         out["store"] = {"tokens": int(store_meta["tokens_written"]), "scale": float(store_meta["scale"])}
     return out
 
@@ -218,6 +220,10 @@ def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> dict | None:
     if layer != cfg.hook.layer:
         raise C.ConfigError(f"store.path={store_path} was collected at layer {layer}, not hook.layer="
                             f"{cfg.hook.layer}: set hook.layer={layer} or use a new store.path")
+    mode = meta.get("mode", "disk")
+    if mode != cfg.store.mode:
+        raise C.ConfigError(f"store.path={store_path} holds a {mode}-mode store, but store.mode={cfg.store.mode}: "
+                            f"set store.mode={mode} or use a new store.path")
     return meta
 
 
@@ -249,7 +255,7 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     store_meta = None
     if cfg.store.path or remote or (run_dir / "store").exists():
         store_meta = check_store(cfg, store_path, mcfg.d_model)
-        if store_meta is not None and store_meta.get("complete"):
+        if store_meta is not None and store_meta.get("complete") and cfg.store.mode == "disk":
             preflight.check_existing_store(store_path)
     sae_cfg, init = sae_config(cfg, mcfg.d_model), None
     if cfg.finetune.init_from:

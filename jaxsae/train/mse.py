@@ -134,7 +134,8 @@ def mse_parts(cfg: C.RunConfig, sae_cfg: SAEConfig, mesh, members=()) -> StepPar
 
 
 def run_phase(ctx, phase, start):
-    """The MSE phase (a `jaxsae.phases` runner): shuffled store rows, resumed from its last checkpoint."""
+    """The MSE phase (a `jaxsae.phases` runner): shuffled store rows, or in stream mode rows the LM makes
+    as it goes, resumed from its last checkpoint."""
     from jaxsae.data.reader import ShuffledReader
     from jaxsae.sae import init_sae
     from jaxsae.sharding import global_batch
@@ -158,8 +159,22 @@ def run_phase(ctx, phase, start):
         return jax.jit(lambda x: one(x, cfg.mse.seed), out_shardings=parts.state_sh)(sample)
 
     readers = []
+    ckpt = ctx.plan.checkpointer(phase.name)
+    stream = getattr(ctx.store, "stream", None)  # stream mode (`jaxsae.data.stream`)
+    if stream is not None:
+        from jaxsae.data.packing import Position
+        from jaxsae.data.stream import StreamReader
+
+        recorded = ckpt.restore_meta().get("stream_starts") if ckpt.latest_step() else None
+        if recorded and len(recorded) > len(stream.starts):  # a resume jumps to its blocks
+            stream.starts = [Position.from_json(p) for p in recorded]
+        reader = StreamReader(stream, cfg.mse.batch_size, data_seed(cfg), ctx.store.scale)
 
     def feed(step: int):
+        if stream is not None:
+            x = reader.batch(step - 1)
+            meta["stream_starts"] = stream.starts_json()  # what the next checkpoint records
+            return (jax.device_put(x, parts.batch_sh),)
         if not readers:  # each process reads its own slice of the store and feeds batch/P rows
             readers.append(ShuffledReader(ctx.store, cfg.mse.batch_size // jax.process_count(), seed=data_seed(cfg),
                                           start_step=step - 1, process_index=jax.process_index(),
@@ -170,9 +185,11 @@ def run_phase(ctx, phase, start):
             "hook_layer": cfg.hook.layer, "model": ctx.plan.model_path, "total_steps": parts.total,
             "reader": {"seed": data_seed(cfg)}, "trajectory": ctx.trajectory(phase.name), **ctx.sweep_meta()}
     try:
-        state = run_steps(ctx.plan.checkpointer(phase.name), ctx.log, phase.name, parts, fresh, feed, meta,
+        state = run_steps(ckpt, ctx.log, phase.name, parts, fresh, feed, meta,
                           cfg.checkpoint.every_steps, cfg.mse.batch_size, names=ctx.member_names)
     finally:
         for r in readers:
             r.close()
+    if stream is not None:  # the KL windows start after the text this phase streamed
+        ctx.store.ended(stream.end(parts.total * cfg.mse.batch_size))
     return Trained(state, state["params"])

@@ -38,10 +38,16 @@ class Trained(NamedTuple):
 
 
 def collect_store(p: Plan, lm, log: MetricsLog):
+    """The run's activations: the disk store, collected (or resumed, or reused), or in stream mode the
+    stream's record (its scale measured once)."""
     from jaxsae.data.collect import collect
     from jaxsae.data.text import make_source
 
     cfg = p.cfg
+    if cfg.store.mode == "stream":
+        from jaxsae.data.stream import open_stream
+
+        return open_stream(cfg, lm, p.store_path, p.mesh, log)
     t0 = time.time()
     info = collect(lm, cfg.hook.layer, make_source(cfg.data.source), lm.tokenizer, p.store_path,
                    n_tokens=cfg.store.tokens, context=cfg.data.context, batch_contexts=cfg.store.batch_contexts,
