@@ -60,7 +60,7 @@ def bench_model(name: str, path: Path, layer: int, rows: int, buffer_rows: int, 
     B, ctx = 1024, 128
     cfg = C.load_config(None, [f"hook.layer={layer}", f"data.context={ctx}", "data.include_first_position=true",
                                f"store.buffer_rows={buffer_rows}", "store.batch_contexts=32", f"mse.tokens={rows}",
-                               f"mse.batch_size={B}", "sae.kind=topk", f"sae.d_sae={8 * lm.d_model}", "sae.k=32"])
+                               f"mse.batch_size={B}", "mse.warmup_steps=2", "sae.kind=topk", f"sae.d_sae={8 * lm.d_model}", "sae.k=32"])
     sae_cfg = sae_config(cfg, lm.d_model)
     steps = rows // B
     tx, sched = optimizer(cfg.mse, steps, sae_cfg)

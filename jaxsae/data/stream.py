@@ -109,16 +109,38 @@ class Stream:
         # blocks as a window's blocks (whole contexts from a position); n only sizes error messages
         self._text = WindowSpec(source, spec.context, bos, sys.maxsize, spec.block_contexts, 0, what)
         self.starts = list(starts) if starts else [START]
+        self._open: tuple[int, Any] | None = None  # (the block it reads next, the positioned context iterator)
+
+    def _read(self, k: int) -> np.ndarray:
+        """Block k's contexts, read on from where block k-1's reading stopped when that was the last block
+        read (the usual case: a tokenizer batch straddling two blocks is not tokenized twice), else from
+        its recorded start; the same contexts either way (`packing.iter_positioned` resumes exactly)."""
+        import itertools
+
+        from jaxsae import config as C
+        from jaxsae.data.packing import iter_positioned
+        from jaxsae.data.text import make_source
+
+        if self._open is None or self._open[0] != k:
+            rows = iter_positioned(make_source(self._text.source), self.tokenizer, self.spec.context,
+                                   bos_id=self._text.bos, start=self.starts[k])
+            self._open = (k, rows)
+        got = list(itertools.islice(self._open[1], self.spec.block_contexts))
+        if len(got) < self.spec.block_contexts:
+            self._open = None
+            raise C.ConfigError(f"data.source ran out after {k * self.spec.block_contexts + len(got)} contexts of "
+                                f"{self.spec.context} tokens in block {k} of the stream; {self._text.what} needs more: "
+                                f"lower {self._text.what} or use a larger source")
+        self._open = (k + 1, self._open[1])
+        if k + 1 == len(self.starts):
+            self.starts.append(got[-1][1])
+        return np.stack([r for r, _ in got]).astype(np.int32)
 
     def _tokens(self, b: int) -> np.ndarray:
         """int32[block_contexts, context]: block b's contexts in stream order."""
-        from jaxsae.data.windows import read_block
-
         while True:
             k = min(b, len(self.starts) - 1)
-            toks, after = read_block(self._text, self.tokenizer, k, self.starts[k])
-            if k + 1 == len(self.starts):
-                self.starts.append(after)
+            toks = self._read(k)
             if k == b:
                 return toks
 
