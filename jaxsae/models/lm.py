@@ -34,7 +34,8 @@ def make_module(cfg: ModelConfig) -> nn.Module:
 
 
 class LM:
-    """A loaded language model. Shapes: tokens int[b, t]; residual [b, t, d_model]; logits [b, t, vocab]."""
+    """A loaded language model. Shapes: tokens int[b, t]; residual [b, t, d_model]; logits f32[b, t, vocab]
+    (float32 whatever the LM's dtype, so that the CE and the KL never read bfloat16 logits)."""
 
     def __init__(self, config: ModelConfig, params: Params, path: Path | None = None):
         self.config = config
@@ -90,7 +91,7 @@ class LM:
         return self._apply(params, "blocks", h, start, stop, key_valid)
 
     def unembed(self, h: jax.Array, params: Params = None) -> jax.Array:
-        """Final norm + unembedding: [b, t, d_model] -> [b, t, vocab]."""
+        """Final norm + unembedding: [b, t, d_model] -> f32[b, t, vocab]."""
         return self._apply(params, "unembed", h)
 
     def prefix(self, tokens: jax.Array, layer: int, key_valid=None, params: Params = None) -> jax.Array:
