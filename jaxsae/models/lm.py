@@ -153,7 +153,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
-    """The model config in `path`/config.json, parsed by the family that reads its `model_type`."""
+    """The model config in `path`/config.json, parsed by the family that reads its `model_type`.
+    dtype "auto": as `jaxsae.config.resolve_dtype` on this process's default backend."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise hf.CheckpointError(f"{path} has no config.json; point at a directory saved with save_pretrained")
@@ -166,6 +167,10 @@ def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
         raise hf.CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}, not a config object: copy or "
                                  "download it again")
     try:
+        if dtype == "auto":
+            from jaxsae.config import resolve_dtype
+
+            dtype = resolve_dtype(dtype, jax.default_backend())
         return hf.parse_config(raw, str(jnp.dtype(dtype or "float32")))
     except hf.CheckpointError:
         raise
@@ -180,7 +185,8 @@ def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
 def load_lm(path_or_hub_id: str | os.PathLike, dtype: str | None = None, shardings=None) -> LM:
     """Loads a Hugging Face checkpoint (local directory or hub id) into a jaxsae `LM`.
 
-    dtype: parameter/activation dtype ("float32" by default, "bfloat16" for large models).
+    dtype: parameter/activation dtype ("float32" by default, "bfloat16" for large models, "auto": bfloat16 on
+    a GPU or TPU, float32 on the CPU). The logits are float32 in every dtype (the families' `unembed`).
     shardings: optional pytree of `jax.sharding.Sharding` matching the params; each tensor is placed
     straight into its sharding as it is converted, so no host or device ever holds a full extra copy.
     Errors (unknown model_type, missing files, wrong shapes) are raised before any tensor is converted.
