@@ -23,7 +23,9 @@ class ConfigError(UserError, ValueError):
     """A user error in a config; the message names the key and the fix."""
 
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+# "auto": bfloat16 on an accelerator (GPU, TPU), float32 on the CPU (`resolve_dtype`), decided once per run
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+StoreDtype = Literal["auto", "float32", "bfloat16"]
 LMSharding = Literal["replicated", "fsdp", "tensor"]
 # warmup_decay: linear warm-up, constant, linear decay to 0 over the last decay_fraction (the paper's MSE
 # phase); linear: lr -> 0 over the phase (the fine-tune); constant (the e2e baseline)
@@ -36,7 +38,9 @@ TrackerKind = Literal["none", "tensorboard", "wandb"]
 @dataclasses.dataclass(frozen=True)
 class ModelCfg:
     path: str = "shipped"  # a local HF directory, a hub id, or "shipped" (the small stdlib Pythia)
-    dtype: Dtype = "float32"
+    # The LM's weights and activations. The SAE, its optimiser state and the logits that feed the CE and
+    # the KL stay float32 whatever this says (`jaxsae.splice`, the families' `unembed`).
+    dtype: Dtype = "auto"
     # Where the LM's weights live (jaxsae.sharding.LM_RULES): replicated on every device (fastest for
     # small models), fsdp (split over the mesh's data axis, gathered per use) or tensor (heads, MLP
     # and vocabulary over the model axis). fsdp/tensor let a model fit that a replicated copy would not.
@@ -77,7 +81,7 @@ class DataCfg:
 @dataclasses.dataclass(frozen=True)
 class StoreCfg:
     path: str = ""  # tensorstore kvstore path or URL; "" -> <run_dir>/store
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: StoreDtype = "auto"  # auto: an existing store's dtype, else as model.dtype's auto
     tokens: int = 500_000_000  # rows collected; the MSE phase reads them once (1 epoch) by default
     batch_contexts: int = 32  # contexts per LM forward, collecting or streaming
     norm_sample_tokens: int = 65_536
@@ -438,6 +442,35 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
 
     check_static(cfg)
     return cfg
+
+
+ACCELERATORS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def resolve_dtype(value: str, platform: str) -> str:
+    """A dtype setting made concrete for devices of `platform` (jax's `Device.platform`): "auto" is
+    bfloat16 on an accelerator, where matmuls run at twice float32's rate or more and activations take half
+    the memory, and float32 on the CPU, which gains no speed from bfloat16 and would only lose precision.
+    Any other value is returned as it is."""
+    if value != "auto":
+        return value
+    return "bfloat16" if platform.lower() in ACCELERATORS else "float32"
+
+
+def resolve_dtypes(cfg: RunConfig, platform: str, store_meta: dict | None = None) -> RunConfig:
+    """`cfg` with model.dtype and store.dtype concrete, for a run on `platform`'s devices.
+
+    An existing store (store_meta: its meta.json) decides what `auto` means: the store keeps its own dtype,
+    and the LM runs in the dtype it was collected with, which the store's identity records (so resuming or
+    reusing it is accepted, and the fine-tune splices into the LM whose activations the SAE learnt from).
+    Explicit values are kept, and a store that disagrees with them is refused by the caller."""
+    store_meta = store_meta or {}
+    lm_had = (store_meta.get("model") or {}).get("config", {}).get("dtype")
+    model = cfg.model.dtype if cfg.model.dtype != "auto" or not lm_had else lm_had
+    store = cfg.store.dtype if cfg.store.dtype != "auto" or "dtype" not in store_meta else store_meta["dtype"]
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, dtype=resolve_dtype(model, platform)),
+        store=dataclasses.replace(cfg.store, dtype=resolve_dtype(store, platform)))
 
 
 def section(cfg: RunConfig, phase: str) -> PhaseCfg:

@@ -96,6 +96,7 @@ def test_cli_reports_and_fails_when_a_step_does_not_fit(capsys):
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "mesh.model=2"]) == 0
     out = capsys.readouterr().out
     assert "mesh data=4 model=2" in out and "finetune step" in out and "GFLOP" in out
+    assert "LM replicated in float32, store float32" in out  # auto on the CPU
     assert "FLOPs only (give --peak-tflops for hours)" in out and "disk store" in out  # local: no peak known
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--hbm-gib", "0.000001", "--peak-tflops", "100",
                  "--mfu", "0.5"]) == 1
@@ -120,6 +121,7 @@ def test_compiles_for_a_tpu_topology_without_a_tpu(capsys):
     assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--topology", "v5e-8"]) == 0
     out = capsys.readouterr().out
     assert "8 x TPU v5 lite on 1 host(s)" in out and "fits in 16 GiB" in out
+    assert "LM replicated in bfloat16, store bfloat16" in out  # auto resolved for the TPU, not this host
 
 
 def test_compiles_a_sweeps_stacked_steps_with_the_sae_axis_over_model():

@@ -46,7 +46,8 @@ def test_overrides_and_yaml_scientific_notation(tmp_path):
     (["phases=[mse, control, finetune]", "checkpoint.keep=0"], r"checkpoint\.keep=0 must be positive"),
     (["adapter.kind=prefix"], r"adapter\.kind='prefix': choose one of 'lm_lora'"),
     (["mse.batch_size=0"], r"mse\.batch_size=0 must be positive"),
-    (["model.dtype=int8"], r"model\.dtype='int8'"),
+    (["model.dtype=int8"], r"model\.dtype='int8': choose one of 'auto', 'float32', 'bfloat16', 'float16'"),
+    (["store.dtype=float16"], r"store\.dtype='float16': choose one of 'auto', 'float32', 'bfloat16'"),
     (["sae=3"], r"sae must be a mapping"),
     (["mse.lr"], r"must look like key\.path=value"),
     (["tracker.kind=mlflow"], r"tracker\.kind='mlflow': choose one of 'none', 'tensorboard', 'wandb'"),
@@ -117,3 +118,46 @@ def test_a_config_file_that_is_not_a_utf8_mapping(tmp_path, text, match):
     p.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=match):
         load_config(p)
+
+
+def test_auto_dtype_is_bfloat16_on_accelerators_float32_on_the_cpu():
+    from jaxsae.config import resolve_dtype, resolve_dtypes
+
+    assert [resolve_dtype("auto", p) for p in ("cpu", "gpu", "tpu", "cuda")] == \
+        ["float32", "bfloat16", "bfloat16", "bfloat16"]
+    assert [resolve_dtype(v, "tpu") for v in ("float32", "float16")] == ["float32", "float16"]
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    cfg = load_config(None)
+    assert (cfg.model.dtype, cfg.store.dtype) == ("auto", "auto")  # the default
+    on = lambda c, platform, meta=None: (lambda r: (r.model.dtype, r.store.dtype))(resolve_dtypes(c, platform, meta))  # noqa: E731
+    assert on(cfg, "cpu") == ("float32", "float32") and on(cfg, "tpu") == ("bfloat16", "bfloat16")
+    # an existing store decides auto: its own dtype, and the LM's it was collected with
+    f32_store = {"dtype": "float32", "model": {"d_model": 128, "config": {"dtype": "float32"}}, "layer": 1}
+    assert on(cfg, "gpu", f32_store) == ("float32", "float32")
+    explicit = load_config(None, ["model.dtype=bfloat16", "store.dtype=bfloat16"])
+    assert on(explicit, "cpu", f32_store) == ("bfloat16", "bfloat16")  # kept; the plan refuses the store
+
+
+def test_plan_resolves_auto_once_and_refuses_a_store_of_another_dtype(tmp_path):
+    """The plan's config and the trajectory its checkpoints record hold the concrete dtype, so a resume where
+    auto resolves the same way matches; a store whose dtypes differ from explicit ones stops the plan."""
+    import json
+
+    from jaxsae.train.context import plan, trajectory
+
+    p = plan(load_config(None, ["hook.layer=1"]), tmp_path / "run")
+    assert (p.cfg.model.dtype, p.cfg.store.dtype, p.mcfg.dtype) == ("float32",) * 3  # the CPU
+    assert trajectory(p, "mse", None)["model"]["dtype"] == "float32"
+    store = tmp_path / "store"
+    store.mkdir()
+    meta = {"format_version": 1, "dtype": "bfloat16", "model": {"d_model": 128, "config": {"dtype": "bfloat16"}},
+            "layer": 1, "chunk_rows": 1, "shard_rows": 1, "tokens_target": 1, "tokens_written": 0, "scale": None,
+            "complete": False}
+    (store / "meta.json").write_text(json.dumps(meta))
+    p = plan(load_config(None, ["hook.layer=1", f"store.path={store}"]), tmp_path / "run2")
+    assert (p.cfg.model.dtype, p.cfg.store.dtype) == ("bfloat16", "bfloat16")  # the store's, not the CPU's
+    with pytest.raises(ConfigError, match=r"holds bfloat16 activations, not store\.dtype=float32: set "
+                                          r"store\.dtype=bfloat16 \(or auto\)"):
+        plan(load_config(None, ["hook.layer=1", f"store.path={store}", "store.dtype=float32"]), tmp_path / "run3")
+    with pytest.raises(ConfigError, match=r"collected with the LM in bfloat16, not model\.dtype=float32"):
+        plan(load_config(None, ["hook.layer=1", f"store.path={store}", "model.dtype=float32"]), tmp_path / "run4")

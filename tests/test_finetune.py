@@ -118,6 +118,25 @@ def test_step_trains_only_the_sae(lm):
     np.testing.assert_allclose(float(m["train/loss"]) - float(m["train/auxk"]), float(m["train/mse"]), rtol=1e-5)
 
 
+def test_bfloat16_lm_keeps_the_sae_its_gradients_and_adam_in_float32(lm):
+    """Mixed precision: the LM runs in bfloat16 and the SAE's params, gradients and optimiser state stay
+    float32 through the fused step (the logits: tests/test_shipped_model.py)."""
+    import dataclasses
+
+    lm16 = LM(dataclasses.replace(lm.config, dtype="bfloat16"), jax.tree.map(lambda p: p.astype(jnp.bfloat16), lm.params))
+    sae_cfg, sae_module, params = _sae("topk")
+    grads = jax.eval_shape(jax.grad(lambda p: _fused(lm16, sae_cfg, sae_module, p, _tokens())[0]), params)
+    assert {k: g.dtype for k, g in grads.items()} == {k: jnp.float32 for k in params}
+    tx, sched = _ft_opt(1e-3, 10, sae_cfg)
+    w_dec_before = np.asarray(params["W_dec"])  # the step donates its state
+    state = init_ft_state(params, tx, sae_cfg, np.zeros(64, np.int32), 0.0, 6.0, 0)
+    state, m = make_finetune_step(Splice(lm16, LAYER, SCALE), sae_cfg, tx, sched)(state, lm16.params, _tokens())
+    floats = [x for x in jax.tree.leaves((state["params"], state["opt_state"])) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 and bool(jnp.isfinite(x).all()) for x in floats)
+    assert np.isfinite(float(m["train/kl"])) and float(m["train/kl"]) > 0
+    assert not np.allclose(np.asarray(state["params"]["W_dec"]), w_dec_before)
+
+
 def test_linear_decay_to_zero_without_warmup():
     sae_cfg, _, _ = _sae("topk")
     _, sched = _ft_opt(5e-5, 100, sae_cfg)

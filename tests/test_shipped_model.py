@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers as tf
@@ -37,3 +38,20 @@ def test_model_card_records_a_trained_model():
     assert stats["tokens_seen"] > 1_000_000
     card = (SHIPPED / "README.md").read_text()
     assert str(stats["val_ce_nats"]) in card and "held-out" in card
+
+
+def test_bfloat16_lm_gives_float32_logits_and_the_float32_ce():
+    """Mixed precision: the LM in bfloat16 (the default on accelerators) scores held-out text within 0.01
+    nats of float32 (measured: 6e-4 over 16 contexts of 128, 3e-4 over these 4), with float32 logits for the CE and the KL."""
+    from jaxsae.eval import next_token_ce
+
+    contexts = iter_contexts(StdlibSource("val"), load_lm(SHIPPED).tokenizer, 128, bos_id=None)
+    tokens = jnp.asarray(np.stack([next(contexts) for _ in range(4)]))
+    mask = jnp.ones(tokens.shape, bool)
+    ce = {}
+    for dtype in ("float32", "bfloat16"):
+        logits = load_lm(SHIPPED, dtype).logits(tokens)
+        assert logits.dtype == jnp.float32
+        total, n = next_token_ce(logits, tokens, mask)
+        ce[dtype] = float(total / n)
+    assert abs(ce["bfloat16"] - ce["float32"]) < 0.01, ce

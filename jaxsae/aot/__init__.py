@@ -120,6 +120,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
     topology), from the trainer's own builders (`jaxsae.train.mse.mse_parts`, `jaxsae.train.kl_phase.kl_parts`).
     Returns the summaries and the mesh. Nothing is allocated: every input is a ShapeDtypeStruct."""
     from jaxsae import phases as P
+    from jaxsae.config import resolve_dtypes
     from jaxsae.models.lm import LM, abstract_params
     from jaxsae.sharding import abstract_with, lm_param_shardings
     from jaxsae.splice import Splice
@@ -128,6 +129,7 @@ def compile_steps(cfg, devices, n_processes: int = 1) -> tuple[list[Compiled], o
     from jaxsae.train.mse import mse_parts
     from jaxsae.validate import check_against_model, sae_config
 
+    cfg = resolve_dtypes(cfg, devices[0].platform)  # the target's platform (a TPU topology: bfloat16), not this host's
     mcfg = model_config(cfg)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     mesh = mesh_for(cfg, devices, n_processes)

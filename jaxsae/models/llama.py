@@ -24,7 +24,7 @@ import numpy as np
 from jaxsae.models import hf
 from jaxsae.models.family import Family, register
 from jaxsae.models.hf import CheckpointError, Rule, Transform, heads_in, heads_out, identity, transpose
-from jaxsae.models.layers import ACTIVATIONS, AttentionMask, attend, param, rotary, run_blocks
+from jaxsae.models.layers import ACTIVATIONS, AttentionMask, attend, param, rotary, run_blocks, unembed_f32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,9 +188,9 @@ class Llama(nn.Module):
         return run_blocks(self.layers, h, start, stop, key_valid)
 
     def unembed(self, h: jax.Array) -> jax.Array:
-        """Final norm and unembedding: [b, t, D] -> logits [b, t, V]."""
+        """Final norm and unembedding: [b, t, D] -> logits f32[b, t, V] (float32 in any dtype: `unembed_f32`)."""
         w = self.embed_tokens.T if self.cfg.tie_word_embeddings else self.lm_head
-        return self.norm(h) @ w
+        return unembed_f32(self.norm(h), w)
 
     def __call__(self, tokens: jax.Array, key_valid: jax.Array | None = None) -> jax.Array:
         return self.unembed(self.blocks(self.embed(tokens), 0, self.cfg.n_layers, key_valid))

@@ -34,7 +34,8 @@ def make_module(cfg: ModelConfig) -> nn.Module:
 
 
 class LM:
-    """A loaded language model. Shapes: tokens int[b, t]; residual [b, t, d_model]; logits [b, t, vocab]."""
+    """A loaded language model. Shapes: tokens int[b, t]; residual [b, t, d_model]; logits f32[b, t, vocab]
+    (float32 whatever the LM's dtype, so that the CE and the KL never read bfloat16 logits)."""
 
     def __init__(self, config: ModelConfig, params: Params, path: Path | None = None):
         self.config = config
@@ -90,7 +91,7 @@ class LM:
         return self._apply(params, "blocks", h, start, stop, key_valid)
 
     def unembed(self, h: jax.Array, params: Params = None) -> jax.Array:
-        """Final norm + unembedding: [b, t, d_model] -> [b, t, vocab]."""
+        """Final norm + unembedding: [b, t, d_model] -> f32[b, t, vocab]."""
         return self._apply(params, "unembed", h)
 
     def prefix(self, tokens: jax.Array, layer: int, key_valid=None, params: Params = None) -> jax.Array:
@@ -152,7 +153,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 
 def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
-    """The model config in `path`/config.json, parsed by the family that reads its `model_type`."""
+    """The model config in `path`/config.json, parsed by the family that reads its `model_type`.
+    dtype "auto": as `jaxsae.config.resolve_dtype` on this process's default backend."""
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise hf.CheckpointError(f"{path} has no config.json; point at a directory saved with save_pretrained")
@@ -165,6 +167,10 @@ def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
         raise hf.CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}, not a config object: copy or "
                                  "download it again")
     try:
+        if dtype == "auto":
+            from jaxsae.config import resolve_dtype
+
+            dtype = resolve_dtype(dtype, jax.default_backend())
         return hf.parse_config(raw, str(jnp.dtype(dtype or "float32")))
     except hf.CheckpointError:
         raise
@@ -179,7 +185,8 @@ def read_config(path: Path, dtype: str | None = None) -> ModelConfig:
 def load_lm(path_or_hub_id: str | os.PathLike, dtype: str | None = None, shardings=None) -> LM:
     """Loads a Hugging Face checkpoint (local directory or hub id) into a jaxsae `LM`.
 
-    dtype: parameter/activation dtype ("float32" by default, "bfloat16" for large models).
+    dtype: parameter/activation dtype ("float32" by default, "bfloat16" for large models, "auto": bfloat16 on
+    a GPU or TPU, float32 on the CPU). The logits are float32 in every dtype (the families' `unembed`).
     shardings: optional pytree of `jax.sharding.Sharding` matching the params; each tensor is placed
     straight into its sharding as it is converted, so no host or device ever holds a full extra copy.
     Errors (unknown model_type, missing files, wrong shapes) are raised before any tensor is converted.

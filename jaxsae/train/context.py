@@ -206,11 +206,9 @@ def mesh_for(cfg: C.RunConfig, devices: list, n_processes: int):
     return make_mesh(data, model, list(devices)[:data * model])
 
 
-def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> dict | None:
-    """The meta of an existing store (None: none yet); a store of another model or layer fails clearly."""
-    from jaxsae.data.store import read_meta
-
-    meta = read_meta(store_path)
+def check_store(cfg: C.RunConfig, store_path: str, d_model: int, meta: dict | None) -> dict | None:
+    """`meta` of an existing store (None: none yet); a store of another model, layer or dtype fails clearly.
+    cfg's dtypes are resolved (`C.resolve_dtypes`), so `auto` has already taken the store's."""
     if meta is None:
         return None
     d, layer = meta.get("model", {}).get("d_model"), meta.get("layer")
@@ -224,12 +222,20 @@ def check_store(cfg: C.RunConfig, store_path: str, d_model: int) -> dict | None:
     if mode != cfg.store.mode:
         raise C.ConfigError(f"store.path={store_path} holds a {mode}-mode store, but store.mode={cfg.store.mode}: "
                             f"set store.mode={mode} or use a new store.path")
+    if meta.get("dtype") != cfg.store.dtype:
+        raise C.ConfigError(f"store.path={store_path} holds {meta.get('dtype')} activations, not store.dtype="
+                            f"{cfg.store.dtype}: set store.dtype={meta.get('dtype')} (or auto) or use a new store.path")
+    lm_had = meta.get("model", {}).get("config", {}).get("dtype")
+    if lm_had is not None and lm_had != cfg.model.dtype:
+        raise C.ConfigError(f"store.path={store_path} was collected with the LM in {lm_had}, not model.dtype="
+                            f"{cfg.model.dtype}: set model.dtype={lm_had} (or auto) or use a new store.path")
     return meta
 
 
 def plan(cfg: C.RunConfig, run_dir) -> Plan:
     """All checks that need no compute: the model's config.json, the mesh, the store's metadata, the SAE
-    to start from. Writes nothing."""
+    to start from. Writes nothing. The plan's config has its `auto` dtypes resolved (`C.resolve_dtypes`)."""
+    from jaxsae.data.store import read_meta
     from jaxsae.distributed import is_main
     from jaxsae.models import read_config
     from jaxsae.models.hf import resolve
@@ -242,6 +248,13 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     preflight.check_sources(cfg)
     preflight.check_tracker(cfg)
     model_path = resolve_model_path(cfg.model.path)
+    store_path = cfg.store.path or f"{remote or run_dir}/store"
+    store_meta = None
+    if cfg.store.path or remote or (run_dir / "store").exists():
+        store_meta = read_meta(store_path)
+    # `auto` dtypes are decided here, once, so that the LM, the store, the checkpoints' trajectory and the
+    # config.yaml written to the run directory all see the same concrete dtype
+    cfg = C.resolve_dtypes(cfg, jax.devices()[0].platform, store_meta)
     mcfg = read_config(resolve(model_path), cfg.model.dtype)
     check_against_model(cfg, mcfg.n_layers, mcfg.d_model)
     preflight.check_model_files(resolve(model_path), mcfg)
@@ -251,12 +264,9 @@ def plan(cfg: C.RunConfig, run_dir) -> Plan:
     if model > 1 and cfg.model.lm_sharding == "replicated" and kl_phases and is_main():
         print(f"warning: mesh.model={model} with a replicated LM repeats the LM's forward passes on each of the "
               f"{model} devices of a model row; model.lm_sharding=tensor splits that work", file=sys.stderr)
-    store_path = cfg.store.path or f"{remote or run_dir}/store"
-    store_meta = None
-    if cfg.store.path or remote or (run_dir / "store").exists():
-        store_meta = check_store(cfg, store_path, mcfg.d_model)
-        if store_meta is not None and store_meta.get("complete") and cfg.store.mode == "disk":
-            preflight.check_existing_store(store_path)
+    store_meta = check_store(cfg, store_path, mcfg.d_model, store_meta)
+    if store_meta is not None and store_meta.get("complete") and cfg.store.mode == "disk":
+        preflight.check_existing_store(store_path)
     sae_cfg, init = sae_config(cfg, mcfg.d_model), None
     if cfg.finetune.init_from:
         from jaxsae.interop import load_init
