@@ -24,7 +24,7 @@ class IdStream(S.Stream):
     """A stream whose row r is the number r (so batches show which rows they took); counts the blocks made."""
 
     def __init__(self, spec=SPEC):
-        self.spec, self.made = spec, []
+        self.spec, self.made, self.take = spec, [], S._take(None)
 
     def block(self, b, seed):
         self.made.append(b)
@@ -153,3 +153,34 @@ def test_stream_run_resumes_bit_identically_after_kill(tiny_model, stream_run, t
         for k in a.params:
             np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=f"{phase} {k}")
     shutil.rmtree(run_dir)
+
+
+@pytest.mark.multidevice
+def test_the_buffer_lives_split_over_the_data_axis_and_gives_one_devices_batches():
+    """On a 4 x 2 mesh the LM's rows and every permuted window stay split over `data` (no device holds the
+    whole buffer), and the batches are the one-device stream's."""
+    import jax
+
+    from jaxsae.data.collect import _residual_rows
+    from jaxsae.models.lm import load_lm
+    from jaxsae.models.shipped import SHIPPED
+    from jaxsae.sharding import batch_sharding, make_mesh
+
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    lm = load_lm(SHIPPED)
+    spec = S.StreamSpec(1, 32, 1, 8, 16, "float32", 64)  # blocks of 16 contexts (496 rows)
+    src = {"kind": "stdlib", "split": "val"}
+    mesh = make_mesh(4, 2)
+
+    def reader(m):
+        rows_of = _residual_rows(lm, 1, 1, np.float32, 8, m)
+        return S.StreamReader(S.Stream(spec, src, lm.tokenizer, None, rows_of,
+                                       sharding=None if m is None else batch_sharding(m)), 64, seed=1, scale=2.0)
+
+    one, split = reader(None), reader(mesh)
+    for s in range(12):  # windows 0..3: blocks made and carried over
+        np.testing.assert_allclose(np.asarray(split.batch(s)), np.asarray(one.batch(s)), rtol=1e-5, atol=1e-5)
+    w = split.window(S.window_of(spec, 11 * 64)[0])
+    assert w.sharding.spec[0] == "data" and len({d for d in w.sharding.device_set}) == 8
+    assert max(s.data.shape[0] for s in w.addressable_shards) == w.shape[0] // 4

@@ -102,10 +102,13 @@ class Stream:
     (tokenizing only, no LM)."""
 
     def __init__(self, spec: StreamSpec, source: dict, tokenizer, bos, rows_of, starts: list[Position] | None = None,
-                 what: str = "mse.tokens"):
+                 what: str = "mse.tokens", sharding=None):
         from jaxsae.data.windows import WindowSpec
 
         self.spec, self.tokenizer, self.rows_of = spec, tokenizer, rows_of
+        # the buffer's layout (`jaxsae.sharding.batch_sharding`: rows over the mesh's data axis), kept through
+        # every permutation; None: wherever the LM's rows are
+        self.take = _take(sharding)
         # blocks as a window's blocks (whole contexts from a position); n only sizes error messages
         self._text = WindowSpec(source, spec.context, bos, sys.maxsize, spec.block_contexts, 0, what)
         self.starts = list(starts) if starts else [START]
@@ -158,7 +161,7 @@ class Stream:
         import jax.numpy as jnp
 
         rows = self.rows(self._tokens(b))
-        return jnp.take(rows, permutation(seed, _BLOCK_TAG, b, self.spec.block_rows), axis=0)
+        return self.take(rows, jnp.asarray(permutation(seed, _BLOCK_TAG, b, self.spec.block_rows)))
 
     def first_rows(self, n: int) -> np.ndarray:
         """f32[n, d_model]: the stream's first n rows in text order (not normalised)."""
@@ -178,6 +181,14 @@ class Stream:
 
     def starts_json(self) -> list[dict[str, int]]:
         return [p.to_json() for p in self.starts]
+
+
+def _take(sharding):
+    """rows[perm] (rows: [n, d_model], perm: i32[n]) as one compiled gather, its result laid out by `sharding`."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.jit(lambda rows, perm: jnp.take(rows, perm, axis=0), out_shardings=sharding)
 
 
 def permutation(seed: int, tag: int, i: int, n: int) -> np.ndarray:
@@ -214,7 +225,7 @@ class StreamReader:
         else:
             rows = jnp.concatenate([self._block(w - 1)[spec.half:], self._block(w)[:spec.half]])
         self._blocks.pop(w - 1, None)  # its B half is in this window now
-        rows = jnp.take(rows, permutation(self.seed, _WINDOW_TAG, w, len(rows)), axis=0)
+        rows = self.stream.take(rows, jnp.asarray(permutation(self.seed, _WINDOW_TAG, w, len(rows))))
         self._window = (w, rows)
         return rows
 
@@ -280,7 +291,10 @@ def open_stream(cfg, lm, path: str, mesh=None, log=None) -> StreamStore:
 
     spec = stream_spec(cfg)
     rows_of = _residual_rows(lm, spec.layer, spec.drop, _np_dtype(spec.dtype), spec.batch_contexts, mesh)
-    stream = Stream(spec, cfg.data.source, lm.tokenizer, "auto" if cfg.data.prepend_bos else None, rows_of)
+    from jaxsae.sharding import batch_sharding
+
+    stream = Stream(spec, cfg.data.source, lm.tokenizer, "auto" if cfg.data.prepend_bos else None, rows_of,
+                    sharding=None if mesh is None else batch_sharding(mesh))
     want = identity(lm, cfg, spec)
     kv = _open_kv(path)
     meta = read_meta(kv)
