@@ -127,8 +127,7 @@ def format_rows(rows: list[Row], peak_tflops: float | None, mfu: float, where: s
             out.append(f"  {'disk store':<28} {r.bytes / 1e9:,.1f} GB ({r.note}; zarr metadata and shard "
                        f"indexes add ~20 B per ~1 MiB chunk: negligible)")
         elif r.name == "stream buffer":
-            out.append(f"  {'stream buffer':<28} {_bytes(r.bytes)} per device ({r.note}; a projection for a "
-                       f"planned stream mode, which does not exist yet)")
+            out.append(f"  {'stream buffer':<28} {_bytes(r.bytes)} per device ({r.note})")
         else:
             what = "n/a" if r.flops is None else _flops(r.flops)
             if r.step_flops is not None:
