@@ -12,8 +12,9 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 
 # Single-device tests, then the multi-device ones in their own process: the fake device
-# count must be set before JAX starts.
-python -m pytest -q -m "not multidevice" "$@"
+# count must be set before JAX starts. The real-context rehearsal (tests/test_rehearsal.py) is run by
+# hand: `python -m pytest -q -m real_context tests/test_rehearsal.py`.
+python -m pytest -q -m "not multidevice and not real_context" "$@"
 set +e
 XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q -m multidevice "$@"
 rc=$?
