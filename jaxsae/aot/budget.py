@@ -76,6 +76,8 @@ def project(cfg, mcfg, steps, mesh, peak_tflops: float | None, mfu: float,
     from jaxsae import config as C
 
     rate = None if peak_tflops is None else peak_tflops * 1e12 * mfu
+    # `auto` dtypes as the mesh's devices would run them (a caller may pass the config unresolved)
+    cfg = C.resolve_dtypes(cfg, next(iter(mesh.devices.flat)).platform)
 
     def hours(f):
         return None if rate is None or f is None else f / rate / 3600
