@@ -105,7 +105,20 @@ def shared_compilation_cache(tmp_path_factory):
         env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(1 << 30)  # so concurrent processes never read a half-written entry
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    # and the tests' own process: its in-process runs (resume tests, phase tests) build new step functions
+    # per run, so each run traces again but loads the programs the previous ones compiled
+    import jax
+
+    options = {"jax_compilation_cache_dir": env["JAX_COMPILATION_CACHE_DIR"],
+               "jax_persistent_cache_min_compile_time_secs": 0.0}
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" in env:  # the same locked cache the test processes share
+        options["jax_compilation_cache_max_size"] = int(env["JAX_COMPILATION_CACHE_MAX_SIZE"])
+    before = {k: getattr(jax.config, k) for k in options}
+    for k, v in options.items():
+        jax.config.update(k, v)
     yield
+    for k, v in before.items():
+        jax.config.update(k, v)
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
