@@ -149,12 +149,12 @@ def auxk_loss(
 def decode_mode(cfg: SAEConfig, n_tokens: int, training: bool = True) -> str:
     """'dense' | 'sparse': the decode a forward over n_tokens uses, cfg.decode with auto resolved by
     `resolve_decode` from the kind, the backend, whether the mesh of the step being traced (if any)
-    splits d_sae, and `training`."""
+    splits d_sae, `training` and d_sae / k (cfg.k: a sweep's largest, which its members select at)."""
     from jaxsae.sae.kinds import kind_of  # local: the kinds import this module
 
     spec = context_spec(("batch", "d_sae"), (n_tokens, cfg.d_sae))
     return resolve_decode(cfg.decode, kind_of(cfg).fixed_k, jax.default_backend(),
-                          spec is not None and spec[1] is not None, training)
+                          spec is not None and spec[1] is not None, training, cfg.d_sae / max(cfg.k, 1))
 
 
 def lora_delta(lora: dict, name: str, inp: jax.Array) -> jax.Array:

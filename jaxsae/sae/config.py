@@ -71,7 +71,8 @@ class SAEConfig:
         latents (`jaxsae.sae.sparse_grad`); k/d_sae of the decoder's and the backward's FLOPs, faster
         on CPU/GPU, but f32[tokens, k, d_model] intermediates and gathers along d_sae, which a mesh
         with model > 1 has to all-gather. auto (the default): `resolve_decode` picks one per forward
-        (sparse for topk when training off TPU with d_sae whole on each device; else dense).
+        (sparse for topk when training off TPU with d_sae whole on each device and d_sae >= 64 k;
+        else dense).
     """
 
     kind: str = "topk"
@@ -188,21 +189,31 @@ class SAEConfig:
         return self
 
 
+# auto's sparse path needs at least this many latents per active one (d_sae / k). Measured on a 2-core CPU
+# (bench/README.md "Where sparse wins"): MSE step sparse/dense time 0.39-0.71 at d_sae/k of 85-256, 0.87-1.26
+# (parity within the noise) at 64, 1.21-1.36 at 16-42; the fused step's 0.89 at 64. The gathers and the
+# [tokens, k, d_model] rows cost more per FLOP than the dense matmuls, so the FLOPs saved must be large.
+SPARSE_MIN_LATENTS_PER_ACTIVE = 64
+
+
 def resolve_decode(decode: str, fixed_k: bool, platform: str, d_sae_split: bool,
-                   training: bool = True) -> Literal["dense", "sparse"]:
+                   training: bool = True, latents_per_active: float = float("inf")) -> Literal["dense", "sparse"]:
     """The decode a forward uses: `decode` itself unless it is auto.
 
     decode: the `sae.decode` setting; fixed_k: this forward has each token's k active latents (a fixed-k
     kind, no LoRA on the SAE); platform: the backend the step compiles for (`jax.default_backend()`);
     d_sae_split: the step's mesh splits d_sae over a model axis of size > 1; training: a training
-    forward (one that will be differentiated), not evaluation or inference.
+    forward (one that will be differentiated), not evaluation or inference; latents_per_active: d_sae / k
+    of this forward.
 
     auto is sparse only where it wins: in training (most of the saving is in the backward; evaluation
     keeps the dense decoder and so reports the numbers it always did), with a fixed k (otherwise there
     are no per-token rows to gather), off TPU (the MXU runs the dense matmuls at full rate, while
     gathers and scatter-adds along d_sae are slow there), and with d_sae whole on each device (split,
-    every gather would all-gather W_enc / W_dec along it, where the dense matmuls stay local).
+    every gather would all-gather W_enc / W_dec along it, where the dense matmuls stay local), and with
+    at least `SPARSE_MIN_LATENTS_PER_ACTIVE` latents per active one (below it the dense step is faster).
     """
     if decode != "auto":
         return "sparse" if decode == "sparse" and fixed_k else "dense"
-    return "sparse" if training and fixed_k and platform != "tpu" and not d_sae_split else "dense"
+    wins = latents_per_active >= SPARSE_MIN_LATENTS_PER_ACTIVE
+    return "sparse" if training and fixed_k and platform != "tpu" and not d_sae_split and wins else "dense"
