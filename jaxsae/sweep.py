@@ -194,3 +194,54 @@ def hparams(cfg: RunConfig, ms: tuple[Member, ...], section: str) -> dict[str, n
     if hasattr(sec, "kl_share"):
         out["kl_share"] = np.array([getattr(r, section).kl_share for r in rows], np.float32)
     return out
+
+
+def k_groups(uses_k: bool, ks, sae_axis_split: bool) -> tuple[tuple[int | None, tuple[int, ...]], ...]:
+    """The members that run together: ((k, member indices), ...) in order of first appearance.
+
+    ks: i32[N] the members' k. Members that share a k run as one vmapped program at that static k (the
+    top-k, gathers and decode of their own size: a k=8 member costs a k=8 step, not the largest k's);
+    groups run one after another inside the same jit. One group with k None (each member's traced k
+    under the largest, `group_sae`) when the kind has no k, when all members share one, or when the mesh
+    splits the SAE axis (each device then holds whole members, which regrouping would move between
+    devices)."""
+    ks = [int(k) for k in ks]
+    if not uses_k or sae_axis_split or len(set(ks)) == 1:
+        return ((None, tuple(range(len(ks)))),)
+    return tuple((k, tuple(i for i, kk in enumerate(ks) if kk == k)) for k in dict.fromkeys(ks))
+
+
+def _take(tree, idx: tuple[int, ...]):
+    """Leaves' rows idx along the leading (SAE) axis: a static slice when idx is a contiguous run."""
+    import jax
+    import jax.numpy as jnp
+
+    if idx == tuple(range(idx[0], idx[-1] + 1)):
+        return jax.tree.map(lambda a: a[idx[0]:idx[-1] + 1], tree)
+    return jax.tree.map(lambda a: jnp.take(a, np.asarray(idx), axis=0), tree)
+
+
+def run_by_k(groups, state, h: dict, run):
+    """run(sub_state, sub_h, k) -> (state, metrics) per group of `k_groups`, stacked back over all members
+    in member order. k is the group's static k, or None for one group under traced per-member k."""
+    import jax
+    import jax.numpy as jnp
+
+    if len(groups) == 1:
+        return run(state, h, groups[0][0])
+    outs = [run(_take(state, idx), _take(h, idx), k) for k, idx in groups]
+    order = [i for _, idx in groups for i in idx]
+    inverse = tuple(int(i) for i in np.argsort(order))
+    merged = jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+    return merged if inverse == tuple(range(len(order))) else _take(merged, inverse)
+
+
+def sae_axis_split(state_shardings) -> bool:
+    """Whether a stacked state's leading (SAE) axis is split over the mesh (`jaxsae.sharding.stack_shardings`);
+    False without shardings."""
+    import jax
+
+    if state_shardings is None:
+        return False
+    specs = [getattr(s, "spec", None) for s in jax.tree.leaves(state_shardings)]
+    return any(spec is not None and len(spec) > 0 and spec[0] is not None for spec in specs)

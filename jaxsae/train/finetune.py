@@ -32,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxsae.sae import SAEConfig, dead_mask, make_sae, maybe_unit_norm_decoder, update_dead_counter
+from jaxsae.sae import SAEConfig, dead_mask, kind_of, make_sae, maybe_unit_norm_decoder, update_dead_counter
 from jaxsae.sharding import jit_step
 from jaxsae.splice import Splice, branch_logits, kl_per_token, residual, splice
+from jaxsae.sweep import k_groups, run_by_k, sae_axis_split
 from jaxsae.train.adapters import identity_composition
-from jaxsae.train.mse import post_update, skip_auxk_unless_dead
+from jaxsae.train.mse import post_update, skip_auxk_unless_dead, vmap_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,8 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
     state["frozen"] the SAE, which the step carries unchanged); None trains the SAE itself.
     shardings: optional (state, lm_params, tokens) shardings; the new state keeps the state's layout.
     sweep: (hp, tx_of) for a state stacked over N SAEs (`jaxsae.sweep`): the prefix and the clean suffix
-    run once, each member's splice, spliced suffix and update run under vmap with its hyperparameters.
+    run once, each member's splice, spliced suffix and update run under vmap with its hyperparameters
+    (members that share a k vmapped at that k, group after group: `jaxsae.sweep.k_groups`).
     probe: the step takes a fourth argument, the L1 controller's probe f32[n, m, d_model] (`probe_l0`);
     shardings then name its sharding too.
     """
@@ -170,7 +172,7 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
     loss = dataclasses.replace(loss, kl_only=kl_only)
 
     def update(state: dict, lm_params, tokens: jax.Array, tx, schedule, shared=None, k=None, kl_share=None,
-               auxk: bool = True, probe=None):
+               auxk: bool = True, probe=None, sae_cfg: SAEConfig = sae_cfg):
         dead = state["dead"] if sae_trains and loss.auxk and auxk else None
         (total, aux), grads = jax.value_and_grad(
             lambda p: kl_mse_loss(sp, lm_params, sae_cfg, p, tokens, loss, dead=dead, l1_coeff=state["l1"],
@@ -216,18 +218,26 @@ def make_finetune_step(sp: Splice, sae_cfg: SAEConfig, tx, schedule, loss: KLLos
             return update(state, lm_params, tokens, tx, schedule)
     else:
         hp, tx_of = sweep
+        groups = k_groups(kind_of(sae_cfg).uses_k, hp["k"], sae_axis_split(shardings[0] if shardings else None))
 
         def step(state: dict, lm_params, tokens: jax.Array):
             shared = shared_branches(sp, lm_params, tokens, clean=loss.kl_share > 0.0 or kl_only)
 
-            def member(st, h, auxk):
-                tx_m, sched_m = tx_of(h["lr"])
-                return update(st, lm_params, tokens, tx_m, sched_m, shared, h["k"], h.get("kl_share"), auxk)
+            def group(st, h, k, auxk):
+                # k: the group's static k (its own SAE config), or None: each member's traced k
+                cfg = sae_cfg if k is None else dataclasses.replace(sae_cfg, k=k)
+
+                def member(s1, hh):
+                    tx_m, sched_m = tx_of(hh["lr"])
+                    return update(s1, lm_params, tokens, tx_m, sched_m, shared, hh["k"] if k is None else None,
+                                  hh.get("kl_share"), auxk, sae_cfg=cfg)
+
+                return vmap_members(member, st, h)
 
             h = {k: jnp.asarray(v) for k, v in hp.items()}
             if not (sae_trains and loss.auxk):
-                return jax.vmap(lambda st, hh: member(st, hh, False))(state, h)
-            return skip_auxk_unless_dead(sae_cfg, state,
-                                         lambda s, auxk: jax.vmap(lambda st, hh: member(st, hh, auxk))(s, h))
+                return run_by_k(groups, state, h, lambda st, hh, k: group(st, hh, k, False))
+            return skip_auxk_unless_dead(
+                sae_cfg, state, lambda s, auxk: run_by_k(groups, s, h, lambda st, hh, k: group(st, hh, k, auxk)))
 
     return jit_step(step, shardings, shardings[0] if shardings else None)

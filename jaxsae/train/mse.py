@@ -78,6 +78,7 @@ def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule
     replicated.
     sweep: (hp, tx_of) for a stacked state of N SAEs (`jaxsae.sweep`): hp {name: [N]} their
     hyperparameters, tx_of(lr) -> (tx, schedule) a member's optimiser; every member reads the same batch.
+    Members that share a k run vmapped at that k, group after group (`jaxsae.sweep.k_groups`).
     """
 
     from jaxsae.sae import make_sae
@@ -87,18 +88,38 @@ def make_mse_step(sae_cfg: SAEConfig, tx: optax.GradientTransformation, schedule
         def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
             return mse_update(sae_module, sae_cfg, tx, schedule, state, x)
     else:
-        hp, tx_of = sweep
+        from jaxsae.sweep import k_groups, run_by_k, sae_axis_split
 
-        def member(state, x, h, auxk):
-            tx_m, sched_m = tx_of(h["lr"])
-            return mse_update(sae_module, sae_cfg, tx_m, sched_m, state, x, h["k"], h["l1_coeff"], auxk)
+        hp, tx_of = sweep
+        groups = k_groups(kind_of(sae_cfg).uses_k, hp["k"], sae_axis_split(state_shardings))
+
+        def group(state, x, h, k, auxk):
+            # k: the group's static k (its own SAE config), or None: each member's traced k under the largest
+            cfg = sae_cfg if k is None else dataclasses.replace(sae_cfg, k=k)
+            module = sae_module if k is None else make_sae(cfg)
+
+            def member(st, hh):
+                tx_m, sched_m = tx_of(hh["lr"])
+                return mse_update(module, cfg, tx_m, sched_m, st, x, hh["k"] if k is None else None,
+                                  hh["l1_coeff"], auxk)
+
+            return vmap_members(member, state, h)
 
         def step(state: dict, x: jax.Array) -> tuple[dict, dict]:
             h = {k: jnp.asarray(v) for k, v in hp.items()}
             return skip_auxk_unless_dead(
-                sae_cfg, state, lambda s, auxk: jax.vmap(lambda st, hh: member(st, x, hh, auxk))(s, h))
+                sae_cfg, state, lambda s, auxk: run_by_k(groups, s, h, lambda st, hh, k: group(st, x, hh, k, auxk)))
 
     return jit_step(step, (state_shardings, batch_sharding), state_shardings)
+
+
+def vmap_members(member, state, h: dict):
+    """jax.vmap(member)(state, h) over the leading SAE axis; a group of one member runs unbatched (the
+    single run's own program: batching rules for a size-1 axis cost up to a third more on CPU)."""
+    if jax.tree.leaves(h)[0].shape[0] == 1:
+        out = member(jax.tree.map(lambda a: a[0], state), jax.tree.map(lambda a: a[0], h))
+        return jax.tree.map(lambda a: a[None], out)
+    return jax.vmap(member)(state, h)
 
 
 def skip_auxk_unless_dead(sae_cfg: SAEConfig, state: dict, run):
