@@ -39,14 +39,19 @@ def _close(a, b, what):
 
 
 def _members(kind):
-    """Each member's (k, l1_coeff, lr, kl_share): k varies for TopK, the L1 coefficient for ReLU."""
+    """Each member's (k, l1_coeff, lr, kl_share): k varies for TopK, the L1 coefficient for ReLU.
+    topk3: k 3, 6, 3, so that the members sharing k=3 (not adjacent) run as one vmapped group and k=6 as a
+    group of one, and the program puts them back in member order."""
     if kind == "topk":
         return [(3, 0.0, 1e-3, 0.5), (6, 0.0, 3e-3, 0.3)]
+    if kind == "topk3":
+        return [(3, 0.0, 1e-3, 0.5), (6, 0.0, 3e-3, 0.3), (3, 0.0, 2e-3, 0.4)]
     return [(6, 0.1, 1e-3, 0.5), (6, 0.3, 3e-3, 0.3)]
 
 
 def _cfgs(kind):
-    base = SAEConfig(kind=kind, d_model=16, d_sae=32, k=6, l1_coeff=0.2, dead_tokens_threshold=64).validate()
+    base = SAEConfig(kind=kind.rstrip("3"), d_model=16, d_sae=32, k=6, l1_coeff=0.2,
+                     dead_tokens_threshold=64).validate()
     return base, [dataclasses.replace(base, k=k, l1_coeff=l1) for k, l1, _, _ in _members(kind)]
 
 
@@ -56,7 +61,7 @@ def _hp(kind):
             "lr": np.array(cols[2], np.float32), "kl_share": np.array(cols[3], np.float32)}
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu"])
+@pytest.mark.parametrize("kind", ["topk", "topk3", "relu"])
 def test_mse_sweep_equals_independent_steps(kind):
     base, cfgs = _cfgs(kind)
     pc = MSECfg(warmup_steps=2, decay_fraction=0.5)
@@ -108,7 +113,7 @@ def _fused(lm, kind):
     return singles, states, swept, _stack(states)
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu"])
+@pytest.mark.parametrize("kind", ["topk", "topk3", "relu"])
 def test_fused_sweep_equals_independent_steps(lm, kind):
     singles, states, swept, stacked = _fused(lm, kind)
     for i in range(STEPS):
