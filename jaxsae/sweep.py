@@ -14,8 +14,10 @@ shared is computed once per step: the MSE phase's batch of store rows; the KL ph
 to the hook) and clean suffix; evaluation's clean and zero-ablated branches.
 
 What may vary (`SWEEPABLE`), and how it enters the one compiled program:
-    sae.k              every member takes the top-k at the largest k, then masks the tail past its own k
-                       (lax.top_k is sorted, so the first k of the top-kmax are the top-k)
+    sae.k              members that share a k run vmapped at that static k, one group after another in
+                       the same program (`k_groups`); where the mesh splits the SAE axis, and in
+                       evaluation, every member takes the top-k at the largest k, then masks the tail past
+                       its own k (lax.top_k is sorted, so the first k of the top-kmax are the top-k)
     sae.l1_coeff       a traced coefficient (ReLU); the fine-tune's controller starts from it
     mse.lr, finetune.lr, e2e.lr   a traced learning rate (the schedule's shape is the section's)
     mse.seed           the SAE's initialisation; the data order is the run's `mse.data_seed` (default: the
