@@ -84,15 +84,18 @@ def markdown(run_dir: Path, ev: dict) -> str:
         cells = [f"{ev[p][n]['ce_gap']:.4f} | {ev[p][n]['l0']:.1f}" if n in ev[p] else " | " for p in phases]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     later = [p for p in phases if p != "mse"]
-    lines += ["", "CE-gap change against each SAE's MSE-only state, mean ± sd over the SAEs at each k "
+    lines += ["", "CE-gap change against each SAE's MSE-only state, mean ± sd over the SAEs at each k (n of them) "
               "(negative: the gap shrank); the paper's Gemma-2-2B TopK 16k fine-tune / e2e beside it.", "",
               "| k | n | MSE gap | " + " | ".join(later) + (" | finetune − control" if "control" in later else "")
               + " | paper fine-tune / e2e |", "|---|---|---|" + "---|" * len(later)
               + ("---|" if "control" in later else "") + "---|"]
     for row in table(ev, values):
-        cells = [f"{row[p][0]:+.1f} ± {row[p][1]:.1f}%" if p in row else "" for p in later]
+        def pct(ms, n=row["n"]):  # one SAE at this k has no spread to show
+            return f"{ms[0]:+.1f} ± {ms[1]:.1f}%" if n > 1 else f"{ms[0]:+.1f}%"
+
+        cells = [pct(row[p]) if p in row else "" for p in later]
         if "control" in later:
-            cells.append(f"{row['net'][0]:+.1f} ± {row['net'][1]:.1f}%" if "net" in row else "")
+            cells.append(pct(row["net"]) if "net" in row else "")
         k = row["k"]
         paper = (f"{PAPER_GEMMA['finetune'][k]:+d}% / {PAPER_GEMMA['e2e'][k]:+d}%" if k in PAPER_GEMMA["finetune"]
                  else "")

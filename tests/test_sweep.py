@@ -193,6 +193,7 @@ def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run, tmp_pa
         assert json.loads((tmp_path / "out" / name / "cfg.json").read_text())["k"] == k
     report = (sweep_run / "report.md").read_text()
     assert "| k4 |" in report and "finetune − control" in report and (sweep_run / "report.png").exists()
+    assert "| 4 | 1 |" in report and "± 0.0%" not in report  # one SAE per k: no spread shown
 
 
 def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_path):
