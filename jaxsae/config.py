@@ -151,6 +151,11 @@ class KLCfg(PhaseCfg):
     # (the reference's). The fine-tune lowers L0 on the files it trains on, so a window's own batches read
     # low while held-out text drifts up (`finetune.probe_l0`). A multiple of batch_sequences.
     l0_probe_sequences: int = 0
+    # where the probe is read: "train", whole documents of data.source just before the window; "eval", whole
+    # documents of data.eval_source after the eval.sequences contexts that evaluation reads (held-out
+    # validation text of the evaluation's distribution, never evaluated on; the window then starts at the
+    # store's end). The eval split's L0 can drift where the training text's holds (the ReLU demo).
+    l0_probe_source: Literal["train", "eval"] = "train"
     auxk: bool = False  # the AuxK dead-latent loss; the reference's fine-tune has none
 
 

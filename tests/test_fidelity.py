@@ -159,7 +159,8 @@ def _relu_probe_args(model, run_dir):
 
     return tiny_args(model, run_dir, "--set", "phases=[mse, finetune]", "--set", "sae.kind=relu",
                      "--set", "sae.l1_coeff=0.05", "--set", "sae.l1_warmup_steps=5", "--set", "mse.tokens=5120",
-                     "--set", "checkpoint.every_steps=5", "--set", "finetune.l0_probe_sequences=12")
+                     "--set", "checkpoint.every_steps=5", "--set", "finetune.l0_probe_sequences=12",
+                     "--set", "finetune.l0_probe_source=eval")
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,8 @@ def relu_probe_run(tiny_model, tmp_path_factory):
 
 def test_relu_run_holds_each_probe_batch_at_its_own_l0(relu_probe_run):
     """Every fine-tune step logs its probe batch's L0 against that batch's own starting L0 (cycling
-    through the probe); the store records where the window's text starts."""
+    through the probe); the store records where the window's text starts, and a probe of validation text
+    (l0_probe_source=eval; data.source's probe: test_positions) leaves the window there."""
     run_dir = relu_probe_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ft = [m for m in rows if m.get("phase") == "finetune" and "train/l0_probe" in m]
@@ -185,6 +187,10 @@ def test_relu_run_holds_each_probe_batch_at_its_own_l0(relu_probe_run):
     assert all(m["train/l0_probe"] > 0 for m in ft)
     meta = json.loads((run_dir / "store" / "meta.json").read_text())
     assert "stream_position" in meta
+    from jaxsae.checkpoint import Checkpointer
+
+    window = Checkpointer(run_dir / "checkpoints" / "finetune").restore_meta()["window_starts"]
+    assert window[0] == meta["stream_position"]
 
 
 def test_relu_probe_run_resumes_bit_identically_after_kill(tiny_model, relu_probe_run, tmp_path):

@@ -212,3 +212,26 @@ def test_the_l1_probe_is_whole_documents_the_window_never_reads(tok, counting, v
     assert counting[0].first == after.doc  # the window reads none of the probe's documents
     with pytest.raises(C.ConfigError, match="finetune.l0_probe_sequences needs 100000"):
         read_probe(cfg, tok, 100_000, start, "finetune.l0_probe_sequences")
+
+
+def test_an_eval_source_probe_is_whole_documents_after_the_evaluated_contexts(tok, counting, val_docs):
+    """finetune.l0_probe_source=eval: the probe starts at the document after the eval.sequences contexts
+    that evaluation reads, so no evaluated document is probed."""
+    from jaxsae.data.windows import eval_end, eval_sequences, read_probe
+
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_source={"kind": "counting"}),
+                              eval=dataclasses.replace(cfg.eval, sequences=9))
+    end = eval_end(cfg, tok)
+    seen = list(itertools.islice(iter_positioned(CountingSource(val_docs), tok, CTX, bos_id=None), 9))
+    assert end == seen[-1][1] and end.token > 0  # the eval's last context ends inside a document
+    assert np.array_equal(eval_sequences(cfg, tok), np.stack([r for r, _ in seen]))
+    probe, after = read_probe(cfg, tok, 12, end, "finetune.l0_probe_sequences", source="eval_source")
+    want = list(itertools.islice(iter_contexts(CountingSource(val_docs), tok, CTX, bos_id=None,
+                                               start=Position(end.doc + 1, 0)), 12))
+    assert np.array_equal(probe, np.stack(want)) and after.token == 0 and after.doc > end.doc + 1
+    with pytest.raises(C.ConfigError, match="data.eval_source from .* finetune.l0_probe_sequences needs 100000"):
+        read_probe(cfg, tok, 100_000, end, "finetune.l0_probe_sequences", source="eval_source")
+    short = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, sequences=100_000))
+    with pytest.raises(C.ConfigError, match="fewer than eval.sequences=100000"):
+        eval_end(short, tok)

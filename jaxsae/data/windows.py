@@ -66,20 +66,38 @@ def next_document(pos: Position) -> Position:
     return pos if pos.token <= 0 else Position(pos.doc + 1, 0)
 
 
-def read_probe(cfg: C.RunConfig, tokenizer, n: int, start: Position, what: str) -> tuple[np.ndarray, Position]:
-    """(int32[n, context] the first n contexts of data.source from the document at or after `start`, the
-    start of the document after the last of them): held-out text of whole documents that a window
-    starting there never reads (the L1 controller's probe, `finetune.l0_probe_sequences`)."""
+def eval_end(cfg: C.RunConfig, tokenizer) -> Position:
+    """The Position in data.eval_source after the eval.sequences contexts that evaluation reads."""
+    from jaxsae.data.packing import iter_positioned
+    from jaxsae.data.text import make_source
+
+    if cfg.eval.sequences == 0:
+        return START
+    bos = "auto" if cfg.data.prepend_bos else None
+    rows = iter_positioned(make_source(cfg.data.eval_source), tokenizer, cfg.data.context, bos_id=bos)
+    last = next(itertools.islice(rows, cfg.eval.sequences - 1, None), None)
+    if last is None:
+        raise C.ConfigError(f"data.eval_source holds fewer than eval.sequences={cfg.eval.sequences} contexts of "
+                            f"{cfg.data.context} tokens: lower eval.sequences or use a larger source")
+    return last[1]
+
+
+def read_probe(cfg: C.RunConfig, tokenizer, n: int, start: Position, what: str,
+               source: str = "source") -> tuple[np.ndarray, Position]:
+    """(int32[n, context] the first n contexts of data.<source> ("source" or "eval_source") from the
+    document at or after `start`, the start of the document after the last of them): held-out text of
+    whole documents that a window (or, in data.eval_source, the evaluation) starting there never reads
+    (the L1 controller's probe, `finetune.l0_probe_sequences`)."""
     from jaxsae.data.packing import iter_positioned
     from jaxsae.data.text import make_source
 
     begin = next_document(start)
     bos = "auto" if cfg.data.prepend_bos else None
-    got = list(itertools.islice(iter_positioned(make_source(cfg.data.source), tokenizer, cfg.data.context,
+    got = list(itertools.islice(iter_positioned(make_source(getattr(cfg.data, source)), tokenizer, cfg.data.context,
                                                 bos_id=bos, start=begin), n))
     if len(got) < n:
-        raise C.ConfigError(f"data.source from {begin} holds only {len(got)} contexts of {cfg.data.context} tokens; "
-                            f"{what} needs {n}: lower {what} or use a larger source")
+        raise C.ConfigError(f"data.{source} from {begin} holds only {len(got)} contexts of {cfg.data.context} "
+                            f"tokens; {what} needs {n}: lower {what} or use a larger source")
     return np.stack([r for r, _ in got]).astype(np.int32), next_document(got[-1][1])
 
 

@@ -134,7 +134,7 @@ def run_phase(ctx, phase, start):
     """Trains `phase` from `start` (None: a fresh SAE, the paper's init: unit-norm decoder, encoder =
     decoder^T, b_dec = 0), resuming from its last checkpoint."""
     from jaxsae.data.packing import START
-    from jaxsae.data.windows import open_window, read_probe, store_end
+    from jaxsae.data.windows import eval_end, open_window, read_probe, store_end
     from jaxsae.sae import init_sae
     from jaxsae.sharding import batch_from_global, probe_sharding
     from jaxsae.sweep import hparams
@@ -177,9 +177,13 @@ def run_phase(ctx, phase, start):
     if n_probe:
         # the probe is whole documents after the store's text, and the window starts at the document after
         # them: the fine-tune lowers L0 on the documents it trains on, so a probe that shared one would
-        # read low as the window's own batches do
-        toks, begin = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, begin,
-                                       f"{phase.section}.l0_probe_sequences")
+        # read low as the window's own batches do (or held-out validation text: l0_probe_source)
+        what = f"{phase.section}.l0_probe_sequences"
+        if sec.l0_probe_source == "eval":  # validation text after the evaluation's; the window is unmoved
+            toks, _ = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, eval_end(cfg, ctx.lm.tokenizer),
+                                 what, source="eval_source")
+        else:
+            toks, begin = read_probe(cfg, ctx.lm.tokenizer, sec.l0_probe_sequences, begin, what)
         probe = jax.device_put(probe_activations(ctx, toks, per), probe_sharding(ctx.mesh))
     window = open_window(cfg, ctx.lm.tokenizer, parts.total * per, begin, sec.seed, f"{phase.section}.tokens",
                          recorded)
