@@ -7,6 +7,7 @@ Run in their own process with 8 fake CPU devices (tests/run.sh does):
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import jax
@@ -94,8 +95,10 @@ def test_mse_step_with_two_stage_top_k_is_the_one_device_step(kind):
     assert max(float(m["train/auxk"]) for m in ref_metrics) > 0  # AuxK's top-k ran
     for got, want in [(metrics, ref_metrics), (state, ref_state)]:
         for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-            # the same latents win; only reductions over the split d_sae round differently
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=2e-6,
+            # the same latents win; only reductions over the split d_sae round differently. Adam divides by
+            # the root of a latent's squared gradients, so a rarely active latent's ~1e-8 rounding becomes up to
+            # ~4e-5 in its column on some CPUs; a latent chosen wrongly moves by ~lr (3e-3) per step
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-4,
                                        err_msg=jax.tree_util.keystr(path))
 
 
@@ -110,3 +113,41 @@ def test_mse_step_gathers_no_batch_by_d_sae_array(kind):
     assert shapes, "the candidates' all-gathers are missing: is the two-stage top-k running?"
     assert (B, S) not in shapes, shapes
     assert all(np.prod(s) < B * S // 2 for s in shapes), shapes  # only the k x shards candidates move
+
+
+def _tpu_mse(kind, two_stage=True):
+    """The MSE step compiled for a v5e-8 (TPU compiler, no TPU) on mesh (1, 8); two_stage False: every
+    selection as one lax.top_k over the split axis."""
+    from jaxsae.aot import topology_devices
+    from jaxsae.sae import selection
+
+    b, s = 512, 8192
+    cfg = SAEConfig(kind=kind, d_model=256, d_sae=s, k=32, decode="dense").validate()
+    tx, sched = optimizer(MSECfg(lr=3e-3, warmup_steps=0, decay_fraction=0.0), 10, cfg)
+    state = jax.eval_shape(lambda: init_state(init_sae(cfg, jax.random.PRNGKey(1)), tx, cfg, seed=0))
+    mesh = shd.make_mesh(1, 8, topology_devices("v5e-8")[:8])
+    sh, bsh = shd.sae_state_shardings(state, cfg, mesh), shd.batch_sharding(mesh)
+    spec = selection.context_spec
+    if not two_stage:
+        selection.context_spec = lambda *_: None
+    try:
+        step = make_mse_step(cfg, tx, sched, sh, bsh)
+        compiled = step.lower(shd.abstract_with(state, sh), jax.ShapeDtypeStruct((b, 256), jnp.float32,
+                                                                                  sharding=bsh)).compile()
+    finally:
+        selection.context_spec = spec
+    return compiled, (b, s)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install 'jax[tpu]')")
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_on_tpu_no_device_gathers_batch_by_d_sae_and_temp_memory_does_not_grow(kind):
+    """With the TPU compiler a row top-k over the split axis is partitioned by XLA itself (lax.top_k); the
+    batch-wide top-k is two-stage. Neither gathers [batch, d_sae], and the step's temp memory is at most
+    that of lax.top_k everywhere (bench/bench_topk_memory.py measures the paper's shape)."""
+    ours, (b, s) = _tpu_mse(kind)
+    plain, _ = _tpu_mse(kind, two_stage=False)
+    assert (b, s) not in _all_gather_shapes(ours.as_text())
+    assert (b, s) in _all_gather_shapes(plain.as_text()) or kind == "topk"
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(ours) <= temp(plain)

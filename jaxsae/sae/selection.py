@@ -13,6 +13,13 @@ it), so the result is exactly `lax.top_k`'s, values, indices and order, ties inc
 prefers the lower index among equal values, and the second stage sees the candidates in ascending
 global index among equal values. Elsewhere (one device, no mesh in context, an axis that does not
 split) they are plain `lax.top_k`.
+
+On TPU a row's top-k stays `lax.top_k`: the TPU compiler already selects per shard and gathers only
+candidates (compiled for v5e-8 at d_model 2304, d_sae 131072, k 80, 4,096 rows on mesh (1, 8), the
+MSE step's temp memory is 5.27 GiB with `lax.top_k` and 10.43 GiB with the shard_map version;
+`bench/bench_topk_memory.py`), while the CPU compiler gathers [rows, d_sae] onto every device. The
+batch-wide top-k (BatchTopK) is two-stage everywhere: there the TPU compiler gathers the whole
+[rows, d_sae] too.
 """
 
 from __future__ import annotations
@@ -55,14 +62,20 @@ def _row_top_k(x: jax.Array, k: int, col_axes: tuple[str, ...]):
     return vals, jnp.take_along_axis(idx, pick, axis=1)
 
 
+def _compiler_splits_row_top_k() -> bool:
+    """Whether the step being traced is for TPU devices, whose compiler partitions a row top-k itself."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) == "tpu"
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """x: f32[N, d_sae] -> (vals f32[N, k], idx i32[N, k]), each row's k largest: `lax.top_k(x, k)`.
 
-    Two-stage (see the module docstring) when the step's mesh splits `d_sae`; the rows stay split
-    as the rules split `batch`.
+    Two-stage (see the module docstring) when the step's mesh splits `d_sae`, except on TPU; the rows
+    stay split as the rules split `batch`.
     """
     spec = context_spec(("batch", "d_sae"), x.shape)
-    if spec is None or spec[1] is None:
+    if spec is None or spec[1] is None or _compiler_splits_row_top_k():
         return jax.lax.top_k(x, k)
     body = functools.partial(_row_top_k, k=k, col_axes=_axes(spec[1]))
     return jax.shard_map(body, mesh=jax.sharding.get_abstract_mesh(), in_specs=P(*spec),
