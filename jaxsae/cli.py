@@ -59,7 +59,7 @@ def run_config_of(path: Path) -> Path | None:
     imported SAE). A run directory without its config.yaml is a UsageError: nothing else says how its
     held-out text was built, and no other directory's config is guessed."""
     path = Path(path).absolute()
-    if (path / "checkpoints").is_dir():
+    if (path / "checkpoints").is_dir() or (path / "widths").is_dir():  # widths/: a sweep over widths
         run = path
     elif path.parent.name == "checkpoints":
         run = path.parent.parent

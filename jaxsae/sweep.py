@@ -23,8 +23,12 @@ What may vary (`SWEEPABLE`), and how it enters the one compiled program:
     mse.seed           the SAE's initialisation; the data order is the run's `mse.data_seed` (default: the
                        base config's mse.seed) for every member, so members see the same batches
     finetune.kl_share  a traced KL share (> 0: the control's 0 is a phase of its own)
+    sae.d_sae          a shape, not a traced value: the members of each width are a sweep of their own
+                       (`width_groups`), run one after another over the run's one store, each in its own
+                       run directory `<run>/widths/d<d_sae>/` (its checkpoints, metrics, eval.json); the
+                       run's eval.json and report gather every member
 
-Everything else (the width, the kind, the data, the windows) is shared. A sweep of one member is the
+Everything else (the kind, the data, the windows) is shared. A sweep of one member is the
 single run with its outputs under the member's name.
 """
 
@@ -47,6 +51,7 @@ SWEEPABLE: dict[str, tuple[str, str]] = {
     "e2e.lr": ("lr.e2e", "e2elr"),
     "mse.seed": ("seed", "s"),
     "finetune.kl_share": ("kl_share", "kl"),
+    "sae.d_sae": ("d_sae", "d"),
 }
 
 
@@ -167,6 +172,25 @@ def check(cfg: RunConfig) -> None:
             raise ConfigError(f"sweep member {m.name}: {e}") from None
 
 
+def width_groups(cfg: RunConfig) -> list[tuple[int, RunConfig]]:
+    """[(d_sae, the config of that width's sweep)] when the sweep varies `sae.d_sae`, else []. A group's
+    config is `cfg` with that width, its members listed explicitly (their names keep the width: `d4096-k16`)
+    and its own name (`<name>-d<d_sae>`); it trains as any sweep."""
+    ms = members(cfg)
+    widths = list(dict.fromkeys(int(m.get("sae.d_sae", cfg.sae.d_sae)) for m in ms))
+    if widths in ([], [cfg.sae.d_sae]):  # one width, the config's own: one program (a width group's own config)
+        return []
+    out = []
+    for w in widths:
+        group = [dict(m.values) for m in ms if int(m.get("sae.d_sae", cfg.sae.d_sae)) == w]
+        ckpt = cfg.checkpoint
+        if ckpt.dir:  # each group's checkpoints beside the others', as its run directory is
+            ckpt = dataclasses.replace(ckpt, dir=f"{ckpt.dir.rstrip('/')}/widths/d{w}")
+        out.append((w, dataclasses.replace(cfg, name=f"{cfg.name}-d{w}", sweep={"members": group},
+                                           sae=dataclasses.replace(cfg.sae, d_sae=w), checkpoint=ckpt)))
+    return out
+
+
 def group_sae(sae_cfg, ms: tuple[Member, ...]):
     """The SAE config the stacked program is built with: the largest k of the members (each masks its tail)."""
     ks = [int(m.get("sae.k", sae_cfg.k)) for m in ms]
@@ -180,6 +204,8 @@ def member_sae(sae_cfg, m: Member):
         out = dataclasses.replace(out, k=int(m.get("sae.k")))
     if m.get("sae.l1_coeff") is not None:
         out = dataclasses.replace(out, l1_coeff=float(m.get("sae.l1_coeff")))
+    if m.get("sae.d_sae") is not None:
+        out = dataclasses.replace(out, d_sae=int(m.get("sae.d_sae")))
     return out
 
 

@@ -29,13 +29,16 @@ def is_sweep(ev: dict) -> bool:
 def member_values(run_dir: Path) -> dict[str, dict]:
     """Member name -> the config values it sets ({"sae.k": 16, "mse.seed": 0}), from config.yaml."""
     from jaxsae.config import load_config
-    from jaxsae.sweep import members
+    from jaxsae.sweep import member_config, members
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         return {}
     cfg = load_config(base=yaml.safe_load(cfg_path.read_text()))
-    return {m.name: dict(m.values) for m in members(cfg)}
+    ms = members(cfg)
+    wide = any(k == "sae.d_sae" for m in ms for k, _ in m.values)  # then every member names its width
+    return {m.name: {**dict(m.values), **({"sae.d_sae": member_config(cfg, m).sae.d_sae} if wide else {})}
+            for m in ms}
 
 
 def change(ev: dict, phase: str, name: str) -> float | None:
@@ -45,13 +48,19 @@ def change(ev: dict, phase: str, name: str) -> float | None:
     return 100.0 * (ev[phase][name]["ce_gap"] / ev["mse"][name]["ce_gap"] - 1.0)
 
 
-def _k_groups(ev: dict, values: dict[str, dict]) -> dict[int, list[str]]:
-    """k -> the members at that k (several when seeds or other keys are swept too)."""
+def _k_groups(ev: dict, values: dict[str, dict]) -> dict[tuple[int, int], list[str]]:
+    """(width, k) -> the members of that width at that k (several when seeds or other keys are swept too);
+    width is 0 unless the sweep varies sae.d_sae."""
     names = list(next(iter(ev.values())))
-    groups: dict[int, list[str]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[str]] = defaultdict(list)
     for n in names:
-        groups[int(values.get(n, {}).get("sae.k", ev[next(iter(ev))][n]["l0"]))].append(n)
+        v = values.get(n, {})
+        groups[(int(v.get("sae.d_sae", 0)), int(v.get("sae.k", ev[next(iter(ev))][n]["l0"])))].append(n)
     return dict(sorted(groups.items()))
+
+
+def _widths(rows: list[dict]) -> list[int]:
+    return sorted({r["width"] for r in rows})
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -61,8 +70,8 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
 def table(ev: dict, values: dict[str, dict]) -> list[dict]:
     """One row per k: per later phase, the mean ± sd (over the members at that k) of its CE-gap change."""
     rows = []
-    for k, names in _k_groups(ev, values).items():
-        row = {"k": k, "n": len(names), "mse_gap": _mean_sd([ev["mse"][n]["ce_gap"] for n in names])}
+    for (width, k), names in _k_groups(ev, values).items():
+        row = {"width": width, "k": k, "n": len(names), "mse_gap": _mean_sd([ev["mse"][n]["ce_gap"] for n in names])}
         for phase in [p.name for p in P.PHASES if p.name in ev and p.name != "mse"]:
             ch = [change(ev, phase, n) for n in names]
             if all(c is not None for c in ch):
@@ -77,19 +86,24 @@ def markdown(run_dir: Path, ev: dict) -> str:
     values = member_values(run_dir)
     phases = [p.name for p in P.PHASES if p.name in ev]
     names = list(ev[phases[0]])
-    lines = [f"# Sweep report: {run_dir.name}", "", f"{len(names)} SAEs trained as one program; held-out CE gap "
+    how = "one program per width" if any("sae.d_sae" in v for v in values.values()) else "one program"
+    lines = [f"# Sweep report: {run_dir.name}", "", f"{len(names)} SAEs trained as {how}; held-out CE gap "
              "(CE spliced − CE clean, nats/token) after each phase.", "",
              "| SAE | " + " | ".join(f"{p} gap | {p} L0" for p in phases) + " |", "|---|" + "---|---|" * len(phases)]
     for n in names:
         cells = [f"{ev[p][n]['ce_gap']:.4f} | {ev[p][n]['l0']:.1f}" if n in ev[p] else " | " for p in phases]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     later = [p for p in phases if p != "mse"]
-    lines += ["", "CE-gap change against each SAE's MSE-only state, mean ± sd over the SAEs at each k (n of them) "
-              "(negative: the gap shrank); the paper's Gemma-2-2B TopK 16k fine-tune / e2e beside it.", "",
-              "| k | n | MSE gap | " + " | ".join(later) + (" | finetune − control" if "control" in later else "")
-              + " | paper fine-tune / e2e |", "|---|---|---|" + "---|" * len(later)
-              + ("---|" if "control" in later else "") + "---|"]
-    for row in table(ev, values):
+    rows = table(ev, values)
+    wide = _widths(rows) != [0]  # the sweep varies the width: one row per width and k
+    lines += ["", "CE-gap change against each SAE's MSE-only state, mean ± sd over the SAEs at each "
+              + ("width and k" if wide else "k") + " (n of them) (negative: the gap shrank); the paper's "
+              "Gemma-2-2B TopK 16k fine-tune / e2e beside it.", "",
+              ("| d_sae " if wide else "") + "| k | n | MSE gap | " + " | ".join(later)
+              + (" | finetune − control" if "control" in later else "") + " | paper fine-tune / e2e |",
+              ("|---" if wide else "") + "|---|---|---|" + "---|" * len(later) + ("---|" if "control" in later else "")
+              + "---|"]
+    for row in rows:
         def pct(ms, n=row["n"]):  # one SAE at this k has no spread to show
             return f"{ms[0]:+.1f} ± {ms[1]:.1f}%" if n > 1 else f"{ms[0]:+.1f}%"
 
@@ -99,7 +113,8 @@ def markdown(run_dir: Path, ev: dict) -> str:
         k = row["k"]
         paper = (f"{PAPER_GEMMA['finetune'][k]:+d}% / {PAPER_GEMMA['e2e'][k]:+d}%" if k in PAPER_GEMMA["finetune"]
                  else "")
-        lines.append(f"| {k} | {row['n']} | {row['mse_gap'][0]:.4f} | " + " | ".join(cells) + f" | {paper} |")
+        lines.append((f"| {row['width']} " if wide else "") + f"| {k} | {row['n']} | {row['mse_gap'][0]:.4f} | "
+                     + " | ".join(cells) + f" | {paper} |")
     lines += ["", "![CE-gap change against k](report.png)", ""]
     return "\n".join(lines)
 
@@ -114,16 +129,24 @@ def plot(run_dir: Path, ev: dict) -> None:
     rows = table(ev, values)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     colors = {p.name: p.color for p in P.PHASES}
-    for phase in [p.name for p in P.PHASES if p.name != "mse"]:
-        pts = [(r["k"], *r[phase]) for r in rows if phase in r]
-        if pts:
-            ks, mean, sd = zip(*pts)
-            ax1.errorbar(ks, mean, yerr=sd, marker="o", capsize=3, color=colors[phase], label=f"{phase} (this run)")
-    net = [(r["k"], *r["net"]) for r in rows if "net" in r]
-    if net:  # the KL effect net of the extra tokens
-        ks, mean, sd = zip(*net)
-        ax1.errorbar(ks, mean, yerr=sd, marker="o", ls=":", capsize=3, color=colors["finetune"],
-                     label="finetune − control (this run)")
+    widths = _widths(rows)
+    styles = ["-", "-.", (0, (5, 1)), (0, (1, 1))]  # one per width (a sweep over widths)
+
+    def tag(w):
+        return "" if w == 0 else f", d_sae {w}"
+
+    for wi, w in enumerate(widths):
+        for phase in [p.name for p in P.PHASES if p.name != "mse"]:
+            pts = [(r["k"], *r[phase]) for r in rows if phase in r and r["width"] == w]
+            if pts:
+                ks, mean, sd = zip(*pts)
+                ax1.errorbar(ks, mean, yerr=sd, marker="o", capsize=3, color=colors[phase],
+                             ls=styles[wi % len(styles)], label=f"{phase}{tag(w)} (this run)")
+        net = [(r["k"], *r["net"]) for r in rows if "net" in r and r["width"] == w]
+        if net:  # the KL effect net of the extra tokens
+            ks, mean, sd = zip(*net)
+            ax1.errorbar(ks, mean, yerr=sd, marker="o", ls=":", capsize=3, color=colors["finetune"],
+                         label=f"finetune − control{tag(w)} (this run)")
     for phase, marker in (("finetune", "s"), ("e2e", "^")):
         ks, vals = zip(*PAPER_GEMMA[phase].items())
         ax1.plot(ks, vals, ls="--", marker=marker, color=colors[phase], alpha=0.45, label=f"{phase}, paper Gemma-2-2B")
@@ -134,14 +157,16 @@ def plot(run_dir: Path, ev: dict) -> None:
             title="what each phase does to the MSE SAE's CE gap")
     ax1.legend(fontsize=7)
     ax1.grid(alpha=0.3)
-    for phase in [p.name for p in P.PHASES if p.name in ev]:
-        pts = [(r["k"], statistics.mean(ev[phase][n]["ce_gap"] for n in names))
-               for r, names in zip(rows, _k_groups(ev, values).values())]
-        ax2.plot(*zip(*pts), marker="o", color=colors[phase], label=phase)
+    for wi, w in enumerate(widths):
+        for phase in [p.name for p in P.PHASES if p.name in ev]:
+            pts = [(r["k"], statistics.mean(ev[phase][n]["ce_gap"] for n in names))
+                   for r, names in zip(rows, _k_groups(ev, values).values()) if r["width"] == w]
+            ax2.plot(*zip(*pts), marker="o", color=colors[phase], ls=styles[wi % len(styles)], label=phase + tag(w))
     ax2.set(xscale="log", xlabel="k", ylabel="CE spliced − CE clean (nats)", title="held-out CE gap")
     ax2.legend()
     ax2.grid(alpha=0.3)
-    fig.suptitle(f"{run_dir.name}: {len(next(iter(ev.values())))} SAEs in one program")
+    fig.suptitle(f"{run_dir.name}: {len(next(iter(ev.values())))} SAEs in "
+                 + ("one program per width" if widths != [0] else "one program"))
     fig.tight_layout()
     fig.savefig(run_dir / "report.png", dpi=110)
     plt.close(fig)

@@ -139,6 +139,16 @@ def test_compiles_a_sweeps_stacked_steps_with_the_sae_axis_over_model():
                                                                      rel=0.05)
 
 
+def test_a_sweep_over_widths_compiles_one_program_per_width(capsys):
+    """sae.d_sae in the sweep: each width's members compile as their own stacked program."""
+    sweep = "sweep={members: [{sae.k: 8}, {sae.k: 16}, {sae.d_sae: 512, sae.k: 16}]}"
+    assert main(["--config", str(ROOT / "configs" / "demo-sweep.yaml"), "--set", "sae.d_sae=256",
+                 "--set", "data.context=32", "--set", "phases=[mse]", "--set", sweep]) == 0
+    out = capsys.readouterr().out
+    assert "width group d_sae 256 (2 SAEs" in out and "width group d_sae 512 (1 SAE," in out
+    assert out.count("  mse step ") == 2
+
+
 def test_a_hub_model_fetches_its_config_json_alone(tmp_path, monkeypatch):
     """The ahead-of-time check reads only config.json: a hub id does not download the weights."""
     import shutil

@@ -20,7 +20,7 @@ from jaxsae.models.gpt_neox import GPTNeoXConfig
 from jaxsae.models.lm import LM, init_params
 from jaxsae.sae import SAEConfig, init_sae
 from jaxsae.splice import Splice
-from jaxsae.sweep import member_config, members
+from jaxsae.sweep import member_config, members, width_groups
 from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step
 from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
@@ -147,7 +147,16 @@ def test_sweep_config_names_and_errors():
     assert (m.sae.k, m.mse.seed, m.mse.data_seed, m.sweep) == (16, 1, 0, {})
     explicit = load_config(base={"sweep": {"members": [{"sae.k": 8}, {"sae.k": 32, "finetune.lr": 1e-3}]}})
     assert [m.name for m in members(explicit)] == ["k8", "k32-ftlr0.001"]
-    bad = [({"sweep": {"sae.d_sae": [64, 128]}}, "sweep key sae.d_sae cannot vary"),
+    assert width_groups(cfg) == []
+    wide = load_config(base={"name": "w", "sae": {"d_sae": 128}, "checkpoint": {"dir": "gs://b/c"},
+                             "sweep": {"sae.d_sae": [64, 256], "sae.k": [8, 16]}})
+    groups = width_groups(wide)
+    assert [w for w, _ in groups] == [64, 256]
+    for w, g in groups:  # each width is a sweep of its own, its members keeping their names
+        assert (g.name, g.sae.d_sae, g.checkpoint.dir) == (f"w-d{w}", w, f"gs://b/c/widths/d{w}")
+        assert [m.name for m in members(g)] == [f"d{w}-k8", f"d{w}-k16"] and width_groups(g) == []
+    bad = [({"sweep": {"sae.d_sae": [64, 4]}}, "sweep member d4: sae.k=32 exceeds sae.d_sae=4"),
+           ({"sweep": {"sae.dtype": [1, 2]}}, "sweep key sae.dtype cannot vary"),
            ({"sweep": {"sae.k": 8}}, "must be a non-empty list"),
            ({"sae": {"kind": "relu"}, "sweep": {"sae.k": [8, 16]}}, "needs sae.kind topk or batchtopk"),
            ({"sweep": {"sae.k": [8, 5000]}}, "sweep member k5000: sae.k=5000 exceeds"),
@@ -157,23 +166,33 @@ def test_sweep_config_names_and_errors():
             load_config(base=tree)
 
 
-def _sweep_args(model, run_dir):
-    return tiny_args(model, run_dir, "--set", "sweep={sae.k: [4, 8]}")
+def _sweep_args(model, run_dir, widths: bool = False):
+    # widths: a third member of another width, its own program in widths/d64 (the tiny run's d_sae is 128)
+    sweep = "{members: [{sae.k: 4}, {sae.k: 8}, {sae.d_sae: 64, sae.k: 8}]}" if widths else "{sae.k: [4, 8]}"
+    return tiny_args(model, run_dir, "--set", f"sweep={sweep}")
 
 
 @pytest.fixture(scope="module")
 def sweep_run(tiny_model, tmp_path_factory):
+    """A sweep over k and width: k4 and k8 at the tiny run's d_sae 128 (one program, widths/d128), and
+    d64-k8 (another, widths/d64)."""
     run_dir = tmp_path_factory.mktemp("sweep") / "run"
-    r = run_cmd(_sweep_args(tiny_model, run_dir))
+    r = run_cmd(_sweep_args(tiny_model, run_dir, widths=True))
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir
 
 
 def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run, tmp_path):
     """Member k8 of the sweep is the tiny run (k=8) trained alone: same evaluation after every phase,
-    same final SAE; the sweep's files name their members."""
+    same final SAE; the sweep's files name their members, and the run gathers its width groups."""
     single, swept = (json.loads((d / "eval.json").read_text()) for d in (finished_run, sweep_run))
-    assert set(swept) == set(single) and all(set(v) == {"k4", "k8"} for v in swept.values())
+    assert set(swept) == set(single) and all(list(v) == ["k4", "k8", "d64-k8"] for v in swept.values())
+    for w, names in ((128, {"k4", "k8"}), (64, {"d64-k8"})):  # each width group is a sweep run of its own
+        group = json.loads((sweep_run / "widths" / f"d{w}" / "eval.json").read_text())
+        assert all(set(v) == names for v in group.values())
+        assert all(group[p][n] == swept[p][n] for p in group for n in names)
+    d64 = jaxsae.load_sae(sweep_run, "d64-k8")
+    assert (d64.cfg.d_sae, d64.cfg.k, d64.params["W_enc"].shape[1]) == (64, 8, 64)
     for phase in single:
         for key in ("ce_spliced", "ce_gap", "fve", "l0", "kl"):
             assert swept[phase]["k8"][key] == pytest.approx(single[phase][key], rel=2e-4, abs=2e-5), (phase, key)
@@ -182,18 +201,21 @@ def test_sweep_run_equals_its_members_single_run(finished_run, sweep_run, tmp_pa
     assert b.cfg.k == 8 and b.meta["sae_name"] == "k8"
     for k in a.params:
         np.testing.assert_allclose(np.asarray(b.params[k]), np.asarray(a.params[k]), rtol=2e-3, atol=2e-4, err_msg=k)
-    with pytest.raises(ValueError, match="holds a sweep of 2 SAEs"):
+    with pytest.raises(ValueError, match=r"holds a sweep of 3 SAEs \(k4, k8, d64-k8\)"):
         jaxsae.load_sae(sweep_run)
-    rows = [json.loads(line) for line in (sweep_run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (sweep_run / "widths" / "d128" / "metrics.jsonl").read_text().splitlines()]
     assert {r.get("sae") for r in rows if r["phase"] == "finetune"} == {"k4", "k8"}
     from jaxsae.interop.__main__ import main as interop_main
 
     assert interop_main(["export", str(sweep_run), str(tmp_path / "out"), "--format", "saelens", "--sae", "all"]) == 0
-    for name, k in (("k4", 4), ("k8", 8)):
-        assert json.loads((tmp_path / "out" / name / "cfg.json").read_text())["k"] == k
+    for name, k, d_sae in (("k4", 4, 128), ("k8", 8, 128), ("d64-k8", 8, 64)):
+        exported = json.loads((tmp_path / "out" / name / "cfg.json").read_text())
+        assert (exported["k"], exported["d_sae"]) == (k, d_sae)
     report = (sweep_run / "report.md").read_text()
-    assert "| k4 |" in report and "finetune − control" in report and (sweep_run / "report.png").exists()
-    assert "| 4 | 1 |" in report and "± 0.0%" not in report  # one SAE per k: no spread shown
+    assert "| k4 |" in report and "| d64-k8 |" in report and "finetune − control" in report
+    assert (sweep_run / "report.png").exists() and "one program per width" in report
+    assert "| 128 | 4 | 1 |" in report and "| 64 | 8 | 1 |" in report
+    assert "± 0.0%" not in report  # one SAE per width and k: no spread shown
 
 
 def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_path):
@@ -205,8 +227,9 @@ def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_pat
     assert steps and steps[-1] < 100, steps  # really interrupted
     r = run_cmd(args)
     assert r.returncode == 0, r.stderr[-3000:]
+    group = sweep_run / "widths" / "d128"  # the same two-member program as this plain sweep
     for name in ("k4", "k8"):
-        a = jaxsae.load_sae(sweep_run / "checkpoints" / "mse", name)
+        a = jaxsae.load_sae(group / "checkpoints" / "mse", name)
         b = jaxsae.load_sae(run_dir / "checkpoints" / "mse", name)
         for k in a.params:
             np.testing.assert_array_equal(np.asarray(a.params[k]), np.asarray(b.params[k]), err_msg=f"{name} {k}")
@@ -214,7 +237,7 @@ def test_sweep_resumes_bit_identically_after_kill(tiny_model, sweep_run, tmp_pat
     logged = [(r["sae"], r["step"]) for r in rows if r["phase"] == "mse"]
     assert len(logged) == len(set(logged)) and {n for n, _ in logged} == {"k4", "k8"}
     ev = json.loads((run_dir / "eval.json").read_text())["mse"]
-    ref = json.loads((sweep_run / "eval.json").read_text())["mse"]
+    ref = json.loads((group / "eval.json").read_text())["mse"]
     for name in ev:
         assert {k: v for k, v in ev[name].items() if k != "phase_seconds"} == \
             {k: v for k, v in ref[name].items() if k != "phase_seconds"}

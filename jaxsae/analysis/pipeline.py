@@ -53,7 +53,12 @@ def check(req: Request) -> Checked:
             raise AnalysisError(f"--{name} must be at least 1, got {getattr(req, name)}")
     if req.left < 0 or req.right < 0 or req.logits < 0:
         raise AnalysisError("--left, --right and --logits must be >= 0")
-    info = inspect_run(req.run_dir)
+    from jaxsae.sae.load import width_members
+
+    groups = width_members(Path(req.run_dir))  # a sweep over widths: the named member's width group
+    if groups and req.sae not in groups:
+        raise AnalysisError(f"{req.run_dir} holds a sweep over widths: give --sae, one of {', '.join(groups)}")
+    info = inspect_run(groups[req.sae] if groups else req.run_dir)
     features = check_features(list(req.features), info.d_sae)
     spec = source_spec(req.source, info)
     if isinstance(spec, dict):

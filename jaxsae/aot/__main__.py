@@ -54,22 +54,29 @@ def compile_and_report(a) -> int:
     # `auto` dtypes as a run on these devices would resolve them (a TPU topology: bfloat16), for the steps and
     # the store's bytes alike; there is no store to follow here
     cfg = resolve_dtypes(cfg, devices[0].platform)
-    steps, mesh = compile_steps(cfg, devices, hosts)
+    from jaxsae.sweep import members, width_groups
+
     kind = getattr(devices[0], "device_kind", devices[0].platform)
-    print(f"{a.topology}: {len(devices)} x {kind} on {hosts} host(s); mesh data={mesh.shape['data']} "
-          f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding} in {cfg.model.dtype}, store {cfg.store.dtype}")
-    fits = True
-    for s in steps:
-        flops = f"{s.flops / 1e9:,.1f} GFLOP" if s.flops is not None else "n/a"
-        line = (f"  {s.name:<28} per device: args {_gib(s.argument_bytes)}  temp {_gib(s.temp_bytes)}  "
-                f"out {_gib(s.output_bytes)}  peak ~{_gib(s.peak_bytes)}  | {flops} per step")
-        if hbm:
-            ok = s.peak_bytes <= hbm * 2**30
-            fits &= ok
-            line += f"  | {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB"
-        print(line)
-    rows = project(cfg, model_config(cfg), steps, mesh, peak, a.mfu, a.stream_rows)
-    print("\n".join(format_rows(rows, peak, a.mfu, f"{a.topology} ({len(devices)} devices)")))
+    fits, groups = True, width_groups(cfg)
+    for w, gcfg in groups or [(None, cfg)]:  # a sweep over widths: one program per width
+        steps, mesh = compile_steps(gcfg, devices, hosts)
+        if w is not None:
+            n = len(members(gcfg))
+            print(f"width group d_sae {w} ({n} SAE{'s' if n > 1 else ''}, its own program; the collection and the "
+                  "disk store below are the run's, once):")
+        print(f"{a.topology}: {len(devices)} x {kind} on {hosts} host(s); mesh data={mesh.shape['data']} "
+              f"model={mesh.shape['model']}; LM {cfg.model.lm_sharding} in {cfg.model.dtype}, store {cfg.store.dtype}")
+        for s in steps:
+            flops = f"{s.flops / 1e9:,.1f} GFLOP" if s.flops is not None else "n/a"
+            line = (f"  {s.name:<28} per device: args {_gib(s.argument_bytes)}  temp {_gib(s.temp_bytes)}  "
+                    f"out {_gib(s.output_bytes)}  peak ~{_gib(s.peak_bytes)}  | {flops} per step")
+            if hbm:
+                ok = s.peak_bytes <= hbm * 2**30
+                fits &= ok
+                line += f"  | {'fits' if ok else 'DOES NOT FIT'} in {hbm:g} GiB"
+            print(line)
+        rows = project(gcfg, model_config(gcfg), steps, mesh, peak, a.mfu, a.stream_rows)
+        print("\n".join(format_rows(rows, peak, a.mfu, f"{a.topology} ({len(devices)} devices)")))
     if not fits:
         print("error: a step does not fit in device memory: shard the LM (model.lm_sharding=fsdp or tensor), "
               "raise mesh.model for the SAE, or lower the batch", file=sys.stderr)

@@ -169,11 +169,13 @@ def _run(a: argparse.Namespace):
             rc_path = cli.run_config_of(a.run_dir)
             rc = yaml.safe_load(rc_path.read_text()) if rc_path else None
             if a.sae == "all":  # every member of a sweep, each in its own directory
-                from jaxsae.sae.load import checkpoint_dir, sweep_names
                 from jaxsae.checkpoint import Checkpointer
+                from jaxsae.sae.load import checkpoint_dir, sweep_names, width_members
 
-                d, _ = checkpoint_dir(a.run_dir)
-                names = sweep_names(Checkpointer(d).restore_meta())
+                names = list(width_members(a.run_dir))  # a sweep over widths: every group's members
+                if not names:
+                    d, _ = checkpoint_dir(a.run_dir)
+                    names = sweep_names(Checkpointer(d).restore_meta())
                 if not names:
                     raise ValueError(f"{a.run_dir} is not a sweep: leave --sae out")
                 saes = {n: load_sae(a.run_dir, n) for n in names}

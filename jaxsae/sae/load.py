@@ -54,6 +54,20 @@ def checkpoint_dir(path: Path):
     raise FileNotFoundError(f"{path} is neither a run directory nor a checkpoint directory")
 
 
+def width_members(path: Path) -> dict[str, Path]:
+    """A run of a sweep over widths (`jaxsae.sweep.width_groups`): member name -> the run directory of its
+    width group (`<run>/widths/d<d_sae>`), in the sweep's order; {} for any other path."""
+    if not (path / "widths").is_dir() or not (path / "config.yaml").exists():
+        return {}
+    import yaml
+
+    from jaxsae.config import load_config
+    from jaxsae.sweep import members, width_groups
+
+    cfg = load_config(base=yaml.safe_load((path / "config.yaml").read_text()))
+    return {m.name: path / "widths" / f"d{w}" for w, g in width_groups(cfg) for m in members(g)}
+
+
 def sweep_names(meta: dict) -> list[str]:
     """The member names of a sweep's checkpoint ([] for one SAE's)."""
     return [m["name"] for m in meta.get("sweep", [])]
@@ -64,6 +78,13 @@ def load_sae(path: str | Path, name: str | None = None) -> LoadedSAE:
     every member stacked: `name` (e.g. "k16-s0") picks one, with its own config (its k)."""
     from jaxsae.checkpoint import Checkpointer
 
+    groups = width_members(Path(path))
+    if groups:  # each width trained as a sweep of its own, in its own run directory
+        if name not in groups:
+            raise ValueError(f"{path} holds a sweep of {len(groups)} SAEs ({', '.join(groups)}): name one of them "
+                             f"(load_sae(path, name), or --sae NAME)" if name is None else
+                             f"{path} holds no SAE named {name!r}: its sweep has {', '.join(groups)}")
+        return load_sae(groups[name], name)
     d, step = checkpoint_dir(Path(path))
     state, meta = Checkpointer(d).restore_raw(step)
     names = sweep_names(meta)

@@ -155,13 +155,58 @@ def locked(p: Plan):
 
 def run(cfg: C.RunConfig, run_dir) -> dict:
     """Runs every phase of `cfg` in `run_dir` (a local path, or a URL shared by all hosts): every check
-    first (`plan`), then, holding the run directory's lock, the phases."""
+    first (`plan`; for a sweep over widths, every width group's too), then, holding the run directory's
+    lock, the phases."""
     p = plan(cfg, run_dir)
+    groups = width_plans(p, run_dir)
     with locked(p):
-        return run_planned(p)
+        return run_widths(p, groups) if groups else run_planned(p)
 
 
-def run_planned(p: Plan) -> dict:
+def width_plans(p: Plan, run_dir) -> list[Plan]:
+    """The plans of a sweep's width groups (`jaxsae.sweep.width_groups`), each a sweep in
+    `<run_dir>/widths/d<d_sae>` that reads the run's store; [] for any other run."""
+    import dataclasses
+
+    from jaxsae.sweep import width_groups
+
+    out = []
+    for w, gcfg in width_groups(p.cfg):
+        gcfg = dataclasses.replace(gcfg, store=dataclasses.replace(gcfg.store, path=p.store_path))
+        out.append(plan(gcfg, f"{str(run_dir).rstrip('/')}/widths/d{w}"))
+    return out
+
+
+def run_widths(p: Plan, groups: list[Plan]) -> dict:
+    """A sweep over widths: the store once (with the run's LM), then each width group's sweep as a run of
+    its own (one program per width), one after another; the run's eval.json and report gather them."""
+    from jaxsae.distributed import is_main
+    from jaxsae.models import load_lm
+    from jaxsae.report import write_report
+    from jaxsae.rundir import atomic_write_text
+    from jaxsae.train.loop import write_eval
+
+    cfg = p.cfg
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    sync_remote(p, down=True)
+    if is_main():
+        atomic_write_text(p.run_dir / "config.yaml", C.dump(cfg))
+    log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main(), guard=cfg.guard)
+    lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
+    collect_store(p, lm, log)
+    results: dict[str, dict] = {}
+    for g in groups:
+        for phase, named in run_planned(g, lm).items():
+            results.setdefault(phase, {}).update(named)
+    for phase, named in results.items():
+        write_eval(p.run_dir, phase, named)
+    if is_main():
+        write_report(p.run_dir)
+    sync_remote(p)
+    return results
+
+
+def run_planned(p: Plan, lm=None) -> dict:
     from jaxsae.distributed import is_main
     from jaxsae.models import load_lm
     from jaxsae.report import write_report
@@ -176,7 +221,8 @@ def run_planned(p: Plan) -> dict:
     tracker = open_tracker(cfg.tracker, p.run_dir, cfg.name, cfg.to_dict()) if is_main() else NullTracker()
     try:
         log = MetricsLog(p.run_dir / "metrics.jsonl", enabled=is_main(), guard=cfg.guard, tracker=tracker)
-        lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
+        if lm is None:
+            lm = load_lm(p.model_path, cfg.model.dtype, shardings=p.lm_shardings())
         ctx = Context(p, lm, collect_store(p, lm, log), log)
         starts: dict[str, Start] = {"init": init_start(ctx)} if p.init is not None else {}
         results = {}
