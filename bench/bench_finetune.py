@@ -8,19 +8,28 @@ Rows (all jit-compiled, same shapes, same SAE):
 - naive:  the reference code's structure: a separate clean forward call, then a full spliced forward
           that runs layers 0..L again, same loss and update (goal: fused >= 1.3x faster);
 - floor:  one clean LM forward + the suffix forward/backward, no SAE at all (goal: fused <= 1.15x of it);
-- mse:    the MSE-phase step on the same number of tokens, to state the fine-tune's cost per token.
+- mse:    the MSE-phase step on the same number of tokens, to state the fine-tune's cost per token; it
+          is also the SAE's own share of the fused step (the same SAE forward/backward and update), so
+          "floor + mse" is the fused step's floor with its SAE (goal for fused / (floor + mse): <= 1.10x).
+Each row prints XLA's FLOP count (compiled cost analysis), so the speed-up over naive is printed beside
+its FLOP-count ceiling (naive FLOPs / fused FLOPs), and every step's share of the measured matmul rate.
+Timed in turns (fused, naive, floor, mse, ...), best of --rounds rounds of --steps steps.
 Default model: the shipped pythia-stdlib; any HF directory works.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import OtherLoad, interleaved, jax_matmul_gflops, machine_line, wait_until_idle  # noqa: E402
 
 from jaxsae.config import FinetuneCfg, MSECfg
 from jaxsae.models.shipped import SHIPPED
@@ -34,14 +43,9 @@ from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
 
 
-def timeit(fn, *args, steps: int) -> float:
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(steps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t) / steps
+def flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
 
 
 def main() -> None:
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-wait", action="store_true", help="don't wait for a quiet machine")
     a = ap.parse_args()
 
     if a.pythia_160m_shape:
@@ -118,31 +124,57 @@ def main() -> None:
     def mse(state):
         return mse_step(state, acts)[0]
 
-    # run each a few times (state threaded through, donation-safe)
-    def loop_time(step, state, extra=()):
-        holder = [state]
+    # XLA's FLOP count of each program (the naive step is two programs)
+    f_fused = flops(fused_step.lower(fused_state, lm.params, tokens).compile())
+    f_naive = (flops(clean_forward.lower(lm.params).compile())
+               + flops(naive_update.lower(naive_state, lm.params, clean_forward(lm.params)).compile()))
+    f_floor = flops(floor.lower(lm.params).compile())
+    f_mse = flops(mse_step.lower(mse_state, acts).compile())
 
-        def once():
-            holder[0] = step(holder[0], *extra)
-            return holder[0]
+    # each contestant one step per call, its state threaded through (the steps donate it)
+    holders = {"fused": fused_state, "naive": naive_state, "mse": mse_state}
 
-        return timeit(once, steps=a.steps)
+    def run_fused():
+        holders["fused"] = fused(holders["fused"])
+        jax.block_until_ready(holders["fused"])
 
-    t_fused = loop_time(fused, fused_state)
-    t_naive = loop_time(lambda s: naive(s, lm.params), naive_state)
-    t_floor = timeit(floor, lm.params, steps=a.steps)
-    t_mse = loop_time(mse, mse_state)
+    def run_naive():
+        holders["naive"] = naive(holders["naive"], lm.params)
+        jax.block_until_ready(holders["naive"])
+
+    def run_floor():
+        jax.block_until_ready(floor(lm.params))
+
+    def run_mse():
+        holders["mse"] = mse(holders["mse"])
+        jax.block_until_ready(holders["mse"])
+
+    wait_until_idle(force=a.no_wait)
+    gflops = jax_matmul_gflops()
+    with OtherLoad() as load:
+        t = interleaved({"fused": run_fused, "naive": run_naive, "floor": run_floor, "mse": run_mse},
+                        iters=a.steps, rounds=a.rounds)
     n = a.batch * a.seq
+    print(machine_line())
     print(f"device: {jax.devices()[0].platform} x{jax.device_count()}  model: {a.model}  layer {L} of {lm.n_layers}  "
           f"batch {a.batch}x{a.seq} = {n} tokens  SAE topk d_sae={a.d_sae} k={a.k}")
-    print(f"{'step':<8}{'ms/step':>10}{'tokens/s':>12}")
-    for name, t in (("fused", t_fused), ("naive", t_naive), ("floor", t_floor), ("mse", t_mse)):
-        print(f"{name:<8}{1e3 * t:>10.1f}{n / t:>12,.0f}")
-    print(f"fused speed-up over naive: {t_naive / t_fused:.2f}x (goal >= 1.3x)")
-    print(f"fused / floor:             {t_fused / t_floor:.2f}x (goal <= 1.15x)")
-    print(f"fine-tune cost per token:  {t_fused / t_mse:.1f}x the MSE phase's")
+    print(f"measured 2048^3 float32 matmul: {gflops:.0f} GFLOP/s")
+    rows = (("fused", t["fused"], f_fused), ("naive", t["naive"], f_naive), ("floor", t["floor"], f_floor),
+            ("mse", t["mse"], f_mse), ("floor + mse", t["floor"] + t["mse"], f_floor + f_mse))
+    print(f"{'step':<12}{'ms/step':>10}{'tokens/s':>12}{'GFLOP':>10}{'% of matmul':>13}")
+    for name, sec, f in rows:
+        print(f"{name:<12}{1e3 * sec:>10.1f}{n / sec:>12,.0f}{f / 1e9:>10.2f}{100 * f / 1e9 / sec / gflops:>12.0f}%")
+    print(load.report())
+    print(f"fused speed-up over naive: {t['naive'] / t['fused']:.2f}x (goal >= 1.3x; FLOP-count ceiling "
+          f"{f_naive / f_fused:.2f}x)")
+    print(f"fused / floor:             {t['fused'] / t['floor']:.2f}x (FLOPs {f_fused / f_floor:.2f}x; the floor "
+          f"has no SAE)")
+    print(f"fused / (floor + mse):     {t['fused'] / (t['floor'] + t['mse']):.2f}x (goal <= 1.10x; FLOPs "
+          f"{f_fused / (f_floor + f_mse):.2f}x)")
+    print(f"SAE share of the fused step: {t['mse'] / t['fused']:.0%} (the MSE step's time at these tokens)")
+    print(f"fine-tune cost per token:  {t['fused'] / t['mse']:.1f}x the MSE phase's")
     share = 0.05
-    print(f"=> a 5% fine-tune window costs {100 * share * t_fused / t_mse / (1 - share + share * t_fused / t_mse):.0f}% "
+    print(f"=> a 5% fine-tune window costs {100 * share * t['fused'] / t['mse'] / (1 - share + share * t['fused'] / t['mse']):.0f}% "
           f"of the SAE-training compute (collection excluded)")
 
 

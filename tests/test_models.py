@@ -210,9 +210,12 @@ def test_bad_inputs_fail_clearly(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_attention_without_softcap_keeps_the_causal_window_and_key_masks(window):
-    """`attend` without a soft-cap goes through jax.nn.dot_product_attention: the same output as the
-    dense masked softmax at every query that sees a valid key, padding and sliding window included."""
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("block", [128, 5, 4])
+def test_attention_keeps_the_causal_window_and_key_masks(window, softcap, block):
+    """`attend` in blocks of queries (one block, blocks that divide t, a last partial block): the same
+    output as the dense masked softmax at every query that sees a valid key, with padding, a sliding
+    window and Gemma 2's soft-capped logits."""
     from jaxsae.models.layers import AttentionMask, attend
 
     b, t, h, kv, d = 2, 12, 4, 2, 8
@@ -222,9 +225,12 @@ def test_attention_without_softcap_keeps_the_causal_window_and_key_masks(window)
     key_valid[0, :3] = False  # left padding
     key_valid[1, 7] = False  # a hole
     mask = AttentionMask(t, window, jnp.asarray(key_valid))
-    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale=d**-0.5))
+    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, scale=d**-0.5,
+                            softcap=softcap, block=block))
     dense = np.asarray(mask.dense())[:, 0, 0]  # [b, t, s]
     logits = np.einsum("bthd,bshd->bhts", q, np.repeat(k, h // kv, axis=2)) * d**-0.5
+    if softcap is not None:
+        logits = np.tanh(logits / softcap) * softcap
     logits = np.where(dense[:, None], logits, -1e30)
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     want = np.einsum("bhts,bshd->bthd", probs / probs.sum(-1, keepdims=True), np.repeat(v, h // kv, axis=2))
