@@ -178,7 +178,7 @@ if seq and rd:
                    f"{r / s:.2f}x", ""))
 
 log = logs.get("bench_finetune", "")
-m = re.search(r"FLOP-count ceiling (\S+)\)", log)
+m = re.search(r"FLOP-count ceiling,? (\S+)\)", log)
 ceiling = m.group(1) if m else "?"
 for pat, what, goal in ((r"fused speed-up over naive:\s+(\S+)", "fused KL+MSE step: naive / fused time",
                          f"at the FLOP-count ceiling ({ceiling})"),
