@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (OtherLoad, interleaved, jax_matmul_gflops, machine_line, n_cores, table, torch_device_like_jax,  # noqa: E402
-                    torch_device_note, wait_until_idle)
+                    torch_device_note, wait_until_idle, xla_flops)
 
 SHIPPED = Path(__file__).resolve().parent.parent / "jaxsae" / "assets" / "pythia-stdlib"
 
@@ -142,8 +142,7 @@ def bench_model(name: str, path: Path, batch: int, seq: int, layer: int, iters: 
     # The work of a forward to the hook: XLA's FLOP count of jaxsae's program (torch's matmuls are the
     # same; its fused causal attention skips the masked half, jaxsae's blocked one most of it). At the
     # measured matmul rate this is the fastest any forward can be on this device.
-    cost = lm._jit_residual.lower(lm.params, tok_jax, layer, None).compile().cost_analysis()
-    gf = float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan"))) / 1e9
+    gf = xla_flops(lm._jit_residual.lower(lm.params, tok_jax, layer, None).compile()) / 1e9
     if matmul_gflops:
         tt = sec["torch truncated"]
         print(f"work: {gf:.1f} GFLOP per batch; jaxsae runs it at {gf / j:.0f} GFLOP/s "

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OtherLoad, interleaved, jax_matmul_gflops, machine_line, wait_until_idle  # noqa: E402
+from common import OtherLoad, interleaved, jax_matmul_gflops, machine_line, wait_until_idle, xla_flops as flops  # noqa: E402
 
 from jaxsae.config import FinetuneCfg, MSECfg
 from jaxsae.models.shipped import SHIPPED
@@ -41,11 +41,6 @@ from jaxsae.sae import SAEConfig, init_sae, make_sae, maybe_unit_norm_decoder
 from jaxsae.train.finetune import init_ft_state, make_finetune_step
 from jaxsae.train.mse import init_state, make_mse_step
 from jaxsae.train.optim import optimizer
-
-
-def flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
 
 
 def main() -> None:

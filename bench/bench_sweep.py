@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import OtherLoad, interleaved, wait_until_idle  # noqa: E402
+from common import OtherLoad, interleaved, wait_until_idle, xla_flops as flops  # noqa: E402
 
 from jaxsae.config import FinetuneCfg, MSECfg  # noqa: E402
 from jaxsae.eval import batch_sums, sweep_sums  # noqa: E402
@@ -33,11 +33,6 @@ from jaxsae.splice import Splice  # noqa: E402
 from jaxsae.train.finetune import KLLoss, init_ft_state, make_finetune_step  # noqa: E402
 from jaxsae.train.mse import init_state, make_mse_step  # noqa: E402
 from jaxsae.train.optim import optimizer  # noqa: E402
-
-
-def flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    return float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
 
 
 def stack(trees):

@@ -124,6 +124,13 @@ def interleaved(fns: dict[str, Callable[[], None]], iters: int, rounds: int = 3,
     return {k: min(v) for k, v in samples.items()}
 
 
+def xla_flops(compiled) -> float:
+    """XLA's FLOP count of a compiled program (`jit(f).lower(...).compile()`); nan where the backend
+    gives none."""
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost).get("flops", float("nan")))
+
+
 def jax_matmul_gflops(n: int = 2048, iters: int = 5, dtype: str = "float32") -> float:
     """Measured GFLOP/s of an n^3 jit-compiled jnp.dot on the default JAX device (2 n^3 FLOPs)."""
     import jax
